@@ -1,0 +1,359 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Thin wrappers over the C kernels of src_c/bn_cy.h.
+
+The callers (bn_cy.ops only) have already validated arguments: arrays of a supported dtype in
+native byte order, a non-negative axis, float64 per-channel vectors of the right length, a mask of
+the compute dtype shaped like x without the feature axis. What happens here:
+
+* the layout is resolved into the canonical (outer, chan, inner) view, either in the array's own
+  dimension order or in reversed order (an F-ordered array is C-ordered reversed); an array whose
+  non-feature dimensions collapse in neither order is copied once;
+* an output that cannot be viewed the same way, or that partially overlaps an input, is computed
+  into a temporary and copied into place;
+* the GIL is released around every kernel call, and status codes become exceptions.
+"""
+
+import numpy as np
+
+cimport numpy as cnp
+from libc.stdint cimport int64_t
+
+cnp.import_array()
+
+cdef enum Kind:
+    KIND_F32 = 0
+    KIND_F64 = 1
+    KIND_F16 = 2
+    KIND_BF16 = 3
+
+
+cdef int _kind(cnp.ndarray a) except -1:
+    cdef int t = cnp.PyArray_TYPE(a)
+    if t == cnp.NPY_FLOAT32:
+        return KIND_F32
+    if t == cnp.NPY_FLOAT64:
+        return KIND_F64
+    if t == cnp.NPY_FLOAT16:
+        return KIND_F16
+    if a.dtype.name == "bfloat16":
+        return KIND_BF16
+    raise TypeError("unsupported dtype for a kernel: %s" % a.dtype)
+
+
+cdef int _check(int status) except -1:
+    if status == BNCY_OK:
+        return 0
+    if status == BNCY_ERR_NOMEM:
+        raise MemoryError("bn_cy: a kernel workspace could not be allocated")
+    raise RuntimeError("bn_cy: internal error in a kernel (status %d)" % status)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout
+# ---------------------------------------------------------------------------------------------
+
+cdef bint _collapse(cnp.npy_intp *shape, cnp.npy_intp *strides, cnp.npy_intp itemsize,
+                    int start, int stop, int step, int64_t *size, int64_t *stride):
+    """Collapse dims start, start+step, ... (not stop) into one strided dim, C order within."""
+    cdef int64_t n = 1
+    cdef int d = start, prev = -1
+    while d != stop:
+        if shape[d] == 0:
+            size[0] = 0
+            stride[0] = 0
+            return True
+        if shape[d] != 1:
+            if prev >= 0 and strides[prev] != strides[d] * shape[d]:
+                return False
+            n *= shape[d]
+            prev = d
+        d += step
+    size[0] = n
+    stride[0] = 0
+    if prev >= 0:
+        if strides[prev] % itemsize != 0:
+            return False
+        stride[0] = strides[prev] // itemsize
+    return True
+
+
+cdef bint _view(cnp.ndarray a, int axis, bint rev, bncy_shape *sh, bncy_strides *st):
+    """The (outer, chan, inner) view of `a` in its own (rev=False) or reversed dim order."""
+    cdef int nd = cnp.PyArray_NDIM(a)
+    cdef cnp.npy_intp *shape = cnp.PyArray_DIMS(a)
+    cdef cnp.npy_intp *strides = cnp.PyArray_STRIDES(a)
+    cdef cnp.npy_intp isz = cnp.PyArray_ITEMSIZE(a)
+    if not cnp.PyArray_ISALIGNED(a) or strides[axis] % isz != 0:
+        return False
+    sh.chan = shape[axis]
+    st.chan = strides[axis] // isz
+    if not rev:
+        return (_collapse(shape, strides, isz, 0, axis, 1, &sh.outer, &st.outer)
+                and _collapse(shape, strides, isz, axis + 1, nd, 1, &sh.inner, &st.inner))
+    return (_collapse(shape, strides, isz, nd - 1, axis, -1, &sh.outer, &st.outer)
+            and _collapse(shape, strides, isz, axis - 1, -1, -1, &sh.inner, &st.inner))
+
+
+cdef bint _fast(bncy_shape sh, bncy_strides st):
+    """True when one of the two kernel families reads this view with unit stride."""
+    if sh.chan <= 1 or sh.outer * sh.inner <= 1:
+        return True
+    if sh.inner > 1:
+        return st.inner == 1
+    return st.chan == 1
+
+
+cdef bint _choose_reversed(cnp.ndarray x, int axis):
+    cdef bncy_shape sh
+    cdef bncy_strides st
+    cdef bint fwd = _view(x, axis, False, &sh, &st)
+    if fwd and _fast(sh, st):
+        return False
+    if _view(x, axis, True, &sh, &st):
+        return _fast(sh, st) or not fwd
+    return False
+
+
+cdef cnp.ndarray _input(cnp.ndarray a, int axis, bint rev, bncy_shape *sh, bncy_strides *st):
+    """`a` itself when its view in this order collapses, else a copy that does."""
+    if _view(a, axis, rev, sh, st):
+        return a
+    a = np.asfortranarray(a) if rev else np.ascontiguousarray(a)
+    if not _view(a, axis, rev, sh, st):
+        raise RuntimeError("bn_cy: internal error, a contiguous copy has no canonical view")
+    return a
+
+
+cdef bint _same_layout(cnp.ndarray a, cnp.ndarray b):
+    cdef int d
+    if cnp.PyArray_DATA(a) != cnp.PyArray_DATA(b):
+        return False
+    for d in range(cnp.PyArray_NDIM(a)):
+        if cnp.PyArray_DIMS(a)[d] > 1 and cnp.PyArray_STRIDES(a)[d] != cnp.PyArray_STRIDES(b)[d]:
+            return False
+    return True
+
+
+cdef cnp.ndarray _output(object out, cnp.ndarray like, int axis, bint rev, tuple reads,
+                         bncy_strides *st):
+    """The array the kernel writes: `out`, a new array, or a temporary to copy into `out`."""
+    cdef bncy_shape sh
+    cdef cnp.ndarray o
+    cdef bint clash = False
+    if out is not None:
+        o = <cnp.ndarray>out
+        if _view(o, axis, rev, &sh, st):
+            for r in reads:
+                if not _same_layout(o, <cnp.ndarray>r) and np.may_share_memory(o, r):
+                    clash = True
+                    break
+            if not clash:
+                return o
+    o = np.empty((<object>like).shape, (<object>like).dtype, order="F" if rev else "C")
+    _view(o, axis, rev, &sh, st)
+    return o
+
+
+cdef object _finish(object out, cnp.ndarray written):
+    if out is None:
+        return written
+    if written is not out:
+        np.copyto(out, written)
+    return out
+
+
+cdef const void *_mask_ptr(object mask, bint rev, list keep) except? NULL:
+    cdef cnp.ndarray m
+    if mask is None:
+        return NULL
+    m = <cnp.ndarray>mask
+    if rev:
+        m = m.T
+    m = np.ascontiguousarray(m)
+    keep.append(m)
+    return cnp.PyArray_DATA(m)
+
+
+cdef const double *_vec(object v):
+    if v is None:
+        return NULL
+    return <const double *>cnp.PyArray_DATA(<cnp.ndarray>v)
+
+
+# ---------------------------------------------------------------------------------------------
+# Operations
+# ---------------------------------------------------------------------------------------------
+
+def moments(cnp.ndarray x, int axis, object mask, int n_threads):
+    """Per-channel weighted mean and population variance, as float64 arrays."""
+    cdef bncy_shape sh
+    cdef bncy_strides xs
+    cdef bint rev = _choose_reversed(x, axis)
+    cdef list keep = []
+    x = _input(x, axis, rev, &sh, &xs)
+    cdef const void *w = _mask_ptr(mask, rev, keep)
+    cdef cnp.ndarray mean = np.empty(sh.chan, np.float64)
+    cdef cnp.ndarray var = np.empty(sh.chan, np.float64)
+    cdef double *pm = <double *>cnp.PyArray_DATA(mean)
+    cdef double *pv = <double *>cnp.PyArray_DATA(var)
+    cdef const void *px = cnp.PyArray_DATA(x)
+    cdef int kind = _kind(x), status
+    with nogil:
+        if kind == KIND_F32:
+            status = bncy_moments_f32(<const float *>px, xs, sh, <const float *>w, pm, pv, n_threads)
+        elif kind == KIND_F64:
+            status = bncy_moments_f64(<const double *>px, xs, sh, <const double *>w, pm, pv,
+                                      n_threads)
+        elif kind == KIND_F16:
+            status = bncy_moments_f16(<const bncy_half *>px, xs, sh, <const float *>w, pm, pv,
+                                      n_threads)
+        else:
+            status = bncy_moments_bf16(<const bncy_bfloat16 *>px, xs, sh, <const float *>w, pm,
+                                       pv, n_threads)
+    _check(status)
+    return mean, var
+
+
+def batch_norm(cnp.ndarray x, int axis, object out, object mean, object var, object gamma,
+               object beta, double eps, int n_threads):
+    """Inference normalization into `out` (or a new array); returns the result."""
+    cdef bncy_shape sh
+    cdef bncy_strides xs, ys
+    cdef bint rev = _choose_reversed(x, axis)
+    x = _input(x, axis, rev, &sh, &xs)
+    cdef cnp.ndarray y = _output(out, x, axis, rev, (x,), &ys)
+    cdef const void *px = cnp.PyArray_DATA(x)
+    cdef void *py = cnp.PyArray_DATA(y)
+    cdef const double *pm = _vec(mean)
+    cdef const double *pv = _vec(var)
+    cdef const double *pg = _vec(gamma)
+    cdef const double *pb = _vec(beta)
+    cdef int kind = _kind(x), status
+    with nogil:
+        if kind == KIND_F32:
+            status = bncy_batch_norm_f32(<const float *>px, xs, <float *>py, ys, sh, pm, pv, pg,
+                                         pb, eps, n_threads)
+        elif kind == KIND_F64:
+            status = bncy_batch_norm_f64(<const double *>px, xs, <double *>py, ys, sh, pm, pv, pg,
+                                         pb, eps, n_threads)
+        elif kind == KIND_F16:
+            status = bncy_batch_norm_f16(<const bncy_half *>px, xs, <bncy_half *>py, ys, sh, pm,
+                                         pv, pg, pb, eps, n_threads)
+        else:
+            status = bncy_batch_norm_bf16(<const bncy_bfloat16 *>px, xs, <bncy_bfloat16 *>py, ys,
+                                          sh, pm, pv, pg, pb, eps, n_threads)
+    _check(status)
+    return _finish(out, y)
+
+
+def batch_norm_train(cnp.ndarray x, int axis, object out, object mask, object gamma,
+                     object beta, double eps, int n_threads):
+    """Fused training forward; returns (y, mean, var) with float64 statistics."""
+    cdef bncy_shape sh
+    cdef bncy_strides xs, ys
+    cdef bint rev = _choose_reversed(x, axis)
+    cdef list keep = []
+    x = _input(x, axis, rev, &sh, &xs)
+    cdef cnp.ndarray y = _output(out, x, axis, rev, (x,), &ys)
+    cdef const void *w = _mask_ptr(mask, rev, keep)
+    cdef cnp.ndarray mean = np.empty(sh.chan, np.float64)
+    cdef cnp.ndarray var = np.empty(sh.chan, np.float64)
+    cdef double *pm = <double *>cnp.PyArray_DATA(mean)
+    cdef double *pv = <double *>cnp.PyArray_DATA(var)
+    cdef const void *px = cnp.PyArray_DATA(x)
+    cdef void *py = cnp.PyArray_DATA(y)
+    cdef const double *pg = _vec(gamma)
+    cdef const double *pb = _vec(beta)
+    cdef int kind = _kind(x), status
+    with nogil:
+        if kind == KIND_F32:
+            status = bncy_batch_norm_train_f32(<const float *>px, xs, <float *>py, ys, sh,
+                                               <const float *>w, pg, pb, eps, pm, pv, n_threads)
+        elif kind == KIND_F64:
+            status = bncy_batch_norm_train_f64(<const double *>px, xs, <double *>py, ys, sh,
+                                               <const double *>w, pg, pb, eps, pm, pv, n_threads)
+        elif kind == KIND_F16:
+            status = bncy_batch_norm_train_f16(<const bncy_half *>px, xs, <bncy_half *>py, ys, sh,
+                                               <const float *>w, pg, pb, eps, pm, pv, n_threads)
+        else:
+            status = bncy_batch_norm_train_bf16(<const bncy_bfloat16 *>px, xs,
+                                                <bncy_bfloat16 *>py, ys, sh, <const float *>w, pg,
+                                                pb, eps, pm, pv, n_threads)
+    _check(status)
+    return _finish(out, y), mean, var
+
+
+def batch_norm_backward(cnp.ndarray dy, cnp.ndarray x, int axis, object out, object mask,
+                        object mean, object var, object gamma, double eps, bint training,
+                        int n_threads):
+    """Backward pass; returns (dx, dgamma, dbeta) with float64 parameter gradients."""
+    cdef bncy_shape sh, dsh
+    cdef bncy_strides xs, dys, dxs
+    cdef bint rev = _choose_reversed(x, axis)
+    cdef list keep = []
+    x = _input(x, axis, rev, &sh, &xs)
+    dy = _input(dy, axis, rev, &dsh, &dys)
+    cdef cnp.ndarray dx = _output(out, x, axis, rev, (x, dy), &dxs)
+    cdef const void *w = _mask_ptr(mask, rev, keep)
+    cdef cnp.ndarray dgamma = np.empty(sh.chan, np.float64)
+    cdef cnp.ndarray dbeta = np.empty(sh.chan, np.float64)
+    cdef double *pdg = <double *>cnp.PyArray_DATA(dgamma)
+    cdef double *pdb = <double *>cnp.PyArray_DATA(dbeta)
+    cdef const void *px = cnp.PyArray_DATA(x)
+    cdef const void *pdy = cnp.PyArray_DATA(dy)
+    cdef void *pdx = cnp.PyArray_DATA(dx)
+    cdef const double *pm = _vec(mean)
+    cdef const double *pv = _vec(var)
+    cdef const double *pg = _vec(gamma)
+    cdef int kind = _kind(x), status
+    cdef int train = 1 if training else 0
+    with nogil:
+        if kind == KIND_F32:
+            status = bncy_batch_norm_backward_f32(<const float *>pdy, dys, <const float *>px, xs,
+                                                  <float *>pdx, dxs, sh, <const float *>w, pm,
+                                                  pv, pg, eps, train, pdg, pdb, n_threads)
+        elif kind == KIND_F64:
+            status = bncy_batch_norm_backward_f64(<const double *>pdy, dys, <const double *>px,
+                                                  xs, <double *>pdx, dxs, sh, <const double *>w,
+                                                  pm, pv, pg, eps, train, pdg, pdb, n_threads)
+        elif kind == KIND_F16:
+            status = bncy_batch_norm_backward_f16(<const bncy_half *>pdy, dys,
+                                                  <const bncy_half *>px, xs, <bncy_half *>pdx,
+                                                  dxs, sh, <const float *>w, pm, pv, pg, eps,
+                                                  train, pdg, pdb, n_threads)
+        else:
+            status = bncy_batch_norm_backward_bf16(<const bncy_bfloat16 *>pdy, dys,
+                                                   <const bncy_bfloat16 *>px, xs,
+                                                   <bncy_bfloat16 *>pdx, dxs, sh,
+                                                   <const float *>w, pm, pv, pg, eps, train, pdg,
+                                                   pdb, n_threads)
+    _check(status)
+    return _finish(out, dx), dgamma, dbeta
+
+
+# ---------------------------------------------------------------------------------------------
+# Build and runtime facts
+# ---------------------------------------------------------------------------------------------
+
+def openmp_enabled():
+    return bool(bncy_openmp_enabled())
+
+
+def omp_max_threads():
+    return bncy_omp_max_threads()
+
+
+def num_procs():
+    return bncy_num_procs()
+
+
+def simd_level():
+    return bncy_simd_level().decode()
+
+
+def simd_compiled():
+    return bncy_simd_compiled().decode().split(",")
+
+
+def compiler():
+    return bncy_compiler().decode()

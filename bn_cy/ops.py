@@ -1,0 +1,345 @@
+"""Functional batch-normalization operations over NumPy arrays.
+
+This module validates arguments, applies the dtype policy and resolves the thread count; the
+arithmetic happens in the C kernels behind :mod:`bn_cy._kernels`, which only this module calls.
+
+Conventions shared by every operation:
+
+* ``axis`` is the feature axis that is *kept* (as in ``keras.layers.BatchNormalization``);
+  statistics reduce over every other axis. Any rank >= 1, negative axes allowed.
+* float32, float64, float16 and bfloat16 (``ml_dtypes``) inputs keep their dtype; 16-bit data are
+  computed in float32 and rounded once. bool and integer inputs are converted to float32.
+  Statistics and parameter gradients come back as float32 for 16/32-bit inputs, float64 for float64.
+* ``mask`` has the shape of ``x`` without the feature axis; its values are non-negative weights
+  (bool counts as 0/1). Masked-out positions do not enter the statistics, but are normalized.
+* ``n_threads``: None uses :func:`get_num_threads`; a negative value counts back from the number
+  of cores (-1 = all). Results are bitwise identical for every thread count.
+"""
+
+import math
+import operator
+import os
+import platform
+import threading
+
+import numpy as np
+
+from . import _kernels
+
+__all__ = [
+    "moments",
+    "batch_norm",
+    "batch_norm_train",
+    "batch_norm_backward",
+    "set_num_threads",
+    "get_num_threads",
+    "openmp_enabled",
+    "build_info",
+]
+
+# ---------------------------------------------------------------------------------------------
+# Threads
+# ---------------------------------------------------------------------------------------------
+
+_thread_lock = threading.Lock()
+_global_threads = None  # set by set_num_threads; None = follow OpenMP (OMP_NUM_THREADS, threadpoolctl)
+
+
+def _core_count():
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _default_threads():
+    if _global_threads is not None:
+        return _global_threads
+    if _kernels.openmp_enabled():
+        # The OpenMP runtime reads OMP_NUM_THREADS and is what threadpoolctl limits.
+        return max(1, _kernels.omp_max_threads())
+    return 1
+
+
+def _resolve_threads(n_threads, name="n_threads"):
+    if n_threads is None:
+        return _default_threads()
+    if isinstance(n_threads, bool) or not isinstance(n_threads, (int, np.integer)):
+        raise TypeError("%s must be an int or None, got %s" % (name, type(n_threads).__name__))
+    n = int(n_threads)
+    if n == 0:
+        raise ValueError("%s must be a positive or negative int, not 0" % name)
+    if n < 0:
+        n = max(1, _core_count() + 1 + n)
+    return n
+
+
+def set_num_threads(n):
+    """Set the default thread count of every bn_cy call; return the previous setting.
+
+    ``n=None`` returns to the default (OpenMP's: ``OMP_NUM_THREADS`` or the core count, and
+    whatever ``threadpoolctl`` imposes). Negative values count back from the core count.
+    """
+    global _global_threads
+    value = None if n is None else _resolve_threads(n, "n")
+    with _thread_lock:
+        previous = get_num_threads()
+        _global_threads = value
+    return previous
+
+
+def get_num_threads():
+    """The thread count a call with ``n_threads=None`` uses now."""
+    return _default_threads()
+
+
+def openmp_enabled():
+    """True when the compiled kernels were built with OpenMP (else they run serially)."""
+    return _kernels.openmp_enabled()
+
+
+def build_info():
+    """Facts about this build and the machine, as a dict."""
+    from . import __version__
+
+    return {
+        "version": __version__,
+        "compiler": _kernels.compiler(),
+        "openmp": _kernels.openmp_enabled(),
+        "simd": _kernels.simd_level(),
+        "simd_compiled": _kernels.simd_compiled(),
+        "num_threads": get_num_threads(),
+        "cores": _core_count(),
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------
+
+_KERNEL_TYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16))
+
+
+def _is_bfloat16(dtype):
+    return dtype.name == "bfloat16" and dtype.itemsize == 2
+
+
+def _as_data(x, name):
+    """`x` as an ndarray the kernels accept (maybe converted), and whether it is new."""
+    if not isinstance(x, np.ndarray):
+        x = np.asarray(x)
+    dt = x.dtype
+    if dt in _KERNEL_TYPES or _is_bfloat16(dt):
+        if not dt.isnative:
+            x = x.astype(dt.newbyteorder("="))
+        return x
+    if dt.kind in "biu":
+        return x.astype(np.float32)
+    if dt.kind == "f":  # e.g. longdouble: no kernel computes in it
+        raise TypeError(
+            "%s has dtype %s; bn_cy computes in float16, bfloat16, float32 or float64" % (name, dt)
+        )
+    raise TypeError(
+        "%s must be a real floating, integer or bool array, got dtype %s" % (name, dt)
+    )
+
+
+def _stat_dtype(dt):
+    return np.dtype(np.float64) if dt == np.float64 else np.dtype(np.float32)
+
+
+def _compute_dtype(dt):
+    return np.dtype(np.float64) if dt == np.float64 else np.dtype(np.float32)
+
+
+def _check_axis(axis, ndim, name="axis"):
+    if ndim == 0:
+        raise ValueError("x must have at least one dimension (got a 0-d array)")
+    try:
+        a = operator.index(axis)
+    except TypeError:
+        raise TypeError("%s must be an int, got %s" % (name, type(axis).__name__)) from None
+    if isinstance(axis, bool):
+        raise TypeError("%s must be an int, got bool" % name)
+    if not -ndim <= a < ndim:
+        raise ValueError("%s=%d is out of range for an input of rank %d" % (name, a, ndim))
+    return a % ndim
+
+
+def _check_epsilon(epsilon):
+    try:
+        eps = float(epsilon)
+    except (TypeError, ValueError):
+        raise TypeError("epsilon must be a real number, got %r" % (epsilon,)) from None
+    if not math.isfinite(eps) or eps < 0:
+        raise ValueError("epsilon must be finite and >= 0, got %r" % (epsilon,))
+    return eps
+
+
+def _channel_vector(v, channels, name):
+    """A per-channel parameter as a contiguous float64 vector of length `channels`."""
+    if v is None:
+        return None
+    try:
+        a = np.asarray(v)
+    except Exception as exc:
+        raise TypeError("%s must be array-like: %s" % (name, exc)) from None
+    if a.dtype.kind not in "biuf" and not _is_bfloat16(a.dtype):
+        raise TypeError("%s must be a real numeric array, got dtype %s" % (name, a.dtype))
+    if a.shape != (channels,):
+        raise ValueError(
+            "%s must have shape (%d,) to match x.shape[axis], got shape %s"
+            % (name, channels, a.shape)
+        )
+    return np.ascontiguousarray(a, dtype=np.float64)
+
+
+def _mask_weights(mask, x, axis, cdtype):
+    """The mask as weights of the compute dtype, shaped like x without the feature axis."""
+    if mask is None:
+        return None
+    m = np.asarray(mask)
+    expected = x.shape[:axis] + x.shape[axis + 1:]
+    if m.shape != expected:
+        raise ValueError(
+            "mask must have shape %s (x.shape without the feature axis %d), got %s"
+            % (expected, axis, m.shape)
+        )
+    if m.dtype.kind not in "biuf" and not _is_bfloat16(m.dtype):
+        raise TypeError("mask must be a bool or real numeric array, got dtype %s" % m.dtype)
+    w = m.astype(cdtype)  # always a new array: the caller's mask is never touched
+    if w.dtype.kind == "f" and m.dtype.kind != "b":
+        if not np.all(np.isfinite(w)):
+            raise ValueError("mask weights must be finite")
+        if np.any(w < 0):
+            raise ValueError("mask weights must be >= 0")
+    return w
+
+
+def _check_out(out, shape, dtype):
+    if out is None:
+        return None
+    if not isinstance(out, np.ndarray):
+        raise ValueError("out must be a NumPy array, got %s" % type(out).__name__)
+    if out.shape != shape:
+        raise ValueError("out must have shape %s, got %s" % (shape, out.shape))
+    if out.dtype != dtype:
+        raise ValueError("out must have dtype %s, got %s" % (dtype, out.dtype))
+    if not out.flags.writeable:
+        raise ValueError("out is read-only")
+    if not out.dtype.isnative:
+        raise ValueError("out must be in native byte order")
+    return out
+
+
+def _stats(mean64, var64, dt):
+    sd = _stat_dtype(dt)
+    if sd == np.float64:
+        return mean64, var64
+    return mean64.astype(sd), var64.astype(sd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Operations
+# ---------------------------------------------------------------------------------------------
+
+
+def moments(x, axis=-1, *, mask=None, n_threads=None):
+    """Per-channel mean and population variance of `x` over every axis but `axis`.
+
+    Returns ``(mean, variance)``, each of shape ``(x.shape[axis],)``: float64 for float64 input,
+    float32 otherwise. Channels with no (unmasked) element give NaN.
+    """
+    x = _as_data(x, "x")
+    ax = _check_axis(axis, x.ndim)
+    w = _mask_weights(mask, x, ax, _compute_dtype(x.dtype))
+    nt = _resolve_threads(n_threads)
+    mean, var = _kernels.moments(x, ax, w, nt)
+    return _stats(mean, var, x.dtype)
+
+
+def batch_norm(x, mean, variance, gamma=None, beta=None, *, axis=-1, epsilon=1e-3, out=None,
+               n_threads=None):
+    """Inference normalization: ``gamma * (x - mean) / sqrt(variance + epsilon) + beta``.
+
+    `mean`, `variance`, `gamma`, `beta` have one value per channel (``x.shape[axis]``); gamma
+    None means 1, beta None means 0. Returns an array of x's dtype (float32 for bool/int input),
+    written into `out` when given (which may be `x` itself).
+    """
+    x = _as_data(x, "x")
+    ax = _check_axis(axis, x.ndim)
+    c = x.shape[ax]
+    m = _channel_vector(mean, c, "mean")
+    v = _channel_vector(variance, c, "variance")
+    if m is None:
+        raise TypeError("mean must be an array of per-channel means, not None")
+    if v is None:
+        raise TypeError("variance must be an array of per-channel variances, not None")
+    g = _channel_vector(gamma, c, "gamma")
+    b = _channel_vector(beta, c, "beta")
+    eps = _check_epsilon(epsilon)
+    out = _check_out(out, x.shape, x.dtype)
+    nt = _resolve_threads(n_threads)
+    return _kernels.batch_norm(x, ax, out, m, v, g, b, eps, nt)
+
+
+def batch_norm_train(x, gamma=None, beta=None, *, axis=-1, epsilon=1e-3, mask=None, out=None,
+                     n_threads=None):
+    """Training forward: normalize `x` with its own batch statistics.
+
+    Returns ``(y, mean, variance)``: the batch mean and population variance are those of
+    :func:`moments` (weighted by `mask`), and y is normalized with them at every position,
+    masked or not. x is read twice and y written once.
+    """
+    x = _as_data(x, "x")
+    ax = _check_axis(axis, x.ndim)
+    c = x.shape[ax]
+    g = _channel_vector(gamma, c, "gamma")
+    b = _channel_vector(beta, c, "beta")
+    eps = _check_epsilon(epsilon)
+    w = _mask_weights(mask, x, ax, _compute_dtype(x.dtype))
+    out = _check_out(out, x.shape, x.dtype)
+    nt = _resolve_threads(n_threads)
+    y, mean, var = _kernels.batch_norm_train(x, ax, out, w, g, b, eps, nt)
+    mean, var = _stats(mean, var, x.dtype)
+    return y, mean, var
+
+
+def batch_norm_backward(dy, x, mean, variance, gamma=None, *, axis=-1, epsilon=1e-3, mask=None,
+                        training=True, out=None, n_threads=None):
+    """Gradients of batch normalization: returns ``(dx, dgamma, dbeta)``.
+
+    With ``training=True``, `mean` and `variance` are the batch statistics the forward pass used
+    (from :func:`batch_norm_train`, same `mask`), and dx includes their dependence on x. With
+    ``training=False`` they are constants (moving statistics) and ``dx = dy * gamma /
+    sqrt(variance + epsilon)``. ``dgamma = sum(dy * xhat)`` and ``dbeta = sum(dy)`` over every
+    position; dgamma is returned even when gamma is None.
+    """
+    x = _as_data(x, "x")
+    dy = _as_data(dy, "dy")
+    ax = _check_axis(axis, x.ndim)
+    if dy.shape != x.shape:
+        raise ValueError("dy must have the shape of x %s, got %s" % (x.shape, dy.shape))
+    if dy.dtype != x.dtype:
+        dy = dy.astype(x.dtype)
+    c = x.shape[ax]
+    m = _channel_vector(mean, c, "mean")
+    v = _channel_vector(variance, c, "variance")
+    if m is None:
+        raise TypeError("mean must be an array of per-channel means, not None")
+    if v is None:
+        raise TypeError("variance must be an array of per-channel variances, not None")
+    g = _channel_vector(gamma, c, "gamma")
+    eps = _check_epsilon(epsilon)
+    w = _mask_weights(mask, x, ax, _compute_dtype(x.dtype)) if training else None
+    if not training and mask is not None:
+        _mask_weights(mask, x, ax, _compute_dtype(x.dtype))  # validated, but constant stats ignore it
+    out = _check_out(out, x.shape, x.dtype)
+    nt = _resolve_threads(n_threads)
+    dx, dgamma, dbeta = _kernels.batch_norm_backward(dy, x, ax, out, w, m, v, g, eps,
+                                                     bool(training), nt)
+    dgamma, dbeta = _stats(dgamma, dbeta, x.dtype)
+    return dx, dgamma, dbeta

@@ -1,0 +1,150 @@
+"""Build script for bn_cy's compiled core.
+
+The extension is plain C99 kernels (src_c/) plus a thin Cython wrapper. Two decisions are made here,
+at build time, by probing the compiler rather than guessing from the platform:
+
+* OpenMP: a small program is compiled, linked *and run* with the candidate flags (gcc/clang
+  ``-fopenmp``; Apple clang ``-Xpreprocessor -fopenmp -lomp``; MSVC ``/openmp``). If none works the
+  build warns and produces serial kernels. ``BN_CY_OPENMP=0`` forces a serial build;
+  ``BN_CY_REQUIRE_OPENMP=1`` turns a missing OpenMP into a build error (CI sets it).
+* SIMD: on x86-64 with gcc/clang, the kernels are compiled twice -- once for the baseline ISA and
+  once for AVX2+FMA (src_c/bn_kernels_avx2.c) -- and the choice is made at run time from the CPU,
+  so a wheel built here runs on any x86-64 machine. ``BN_CY_SIMD=0`` disables the AVX2 variant.
+"""
+
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import warnings
+
+import numpy as np
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+OPENMP_PROBE = textwrap.dedent(
+    """
+    #include <omp.h>
+    #include <stdio.h>
+    int main(void) {
+        int n = 0;
+        #pragma omp parallel reduction(+:n)
+        n += 1;
+        printf("%d\\n", n > 0 && omp_get_max_threads() > 0);
+        return 0;
+    }
+    """
+)
+
+
+def _env_flag(name):
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("", "default"):
+        return None
+    return value not in ("0", "false", "no", "off")
+
+
+def _openmp_candidates(compiler_type):
+    if compiler_type == "msvc":
+        return [(["/openmp"], [])]
+    candidates = [(["-fopenmp"], ["-fopenmp"])]
+    if sys.platform == "darwin":
+        # Apple clang has no driver support; libomp (e.g. from Homebrew) provides the runtime.
+        prefixes = [os.environ.get("BN_CY_LIBOMP_PREFIX"), "/opt/homebrew/opt/libomp", "/usr/local/opt/libomp"]
+        for prefix in filter(None, prefixes):
+            candidates.append(
+                (
+                    ["-Xpreprocessor", "-fopenmp", "-I" + os.path.join(prefix, "include")],
+                    ["-lomp", "-L" + os.path.join(prefix, "lib")],
+                )
+            )
+        candidates.append((["-Xpreprocessor", "-fopenmp"], ["-lomp"]))
+    return candidates
+
+
+def _compiles_and_runs(compiler, source, compile_args, link_args):
+    """Compile, link and run `source`; True when it prints 1."""
+    tmp = tempfile.mkdtemp(prefix="bn_cy_probe_")
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp)
+        with open("probe.c", "w") as f:
+            f.write(source)
+        objects = compiler.compile(["probe.c"], extra_postargs=compile_args)
+        exe = "probe" + (".exe" if sys.platform == "win32" else "")
+        compiler.link_executable(objects, "probe", extra_postargs=link_args)
+        out = subprocess.run([os.path.join(tmp, exe)], capture_output=True, text=True, timeout=60)
+        return out.returncode == 0 and out.stdout.strip() == "1"
+    except Exception:  # any compile, link or run failure means "not available"
+        return False
+    finally:
+        os.chdir(cwd)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _is_x86_64():
+    return platform.machine().lower() in ("x86_64", "amd64", "x64")
+
+
+class BuildExt(build_ext):
+    def build_extensions(self):
+        ctype = self.compiler.compiler_type
+        compile_args, link_args, macros = [], [], []
+        if ctype == "msvc":
+            compile_args += ["/O2"]
+        else:
+            compile_args += ["-O3", "-std=c99", "-fno-math-errno", "-fno-trapping-math"]
+
+        want = _env_flag("BN_CY_OPENMP")
+        require = _env_flag("BN_CY_REQUIRE_OPENMP")
+        openmp = False
+        if want is not False:
+            for c_args, l_args in _openmp_candidates(ctype):
+                if _compiles_and_runs(self.compiler, OPENMP_PROBE, c_args, l_args):
+                    compile_args += c_args
+                    link_args += l_args
+                    openmp = True
+                    break
+        if not openmp:
+            message = "OpenMP was disabled by BN_CY_OPENMP=0" if want is False else (
+                "no working OpenMP found for this compiler"
+            )
+            if require:
+                raise RuntimeError(message + " and BN_CY_REQUIRE_OPENMP=1 is set")
+            warnings.warn(message + ": bn_cy's kernels will run serially", stacklevel=1)
+
+        simd = _env_flag("BN_CY_SIMD")
+        if simd is not False and ctype != "msvc" and _is_x86_64():
+            macros.append(("BNCY_HAVE_AVX2_VARIANT", "1"))
+
+        macros.append(("BNCY_COMPILER_TYPE", '"%s"' % ctype))
+        for ext in self.extensions:
+            ext.extra_compile_args = list(ext.extra_compile_args or []) + compile_args
+            ext.extra_link_args = list(ext.extra_link_args or []) + link_args
+            ext.define_macros = list(ext.define_macros or []) + macros
+        print("bn_cy build: compiler=%s openmp=%s avx2_variant=%s" % (ctype, openmp, bool(simd is not False and ("BNCY_HAVE_AVX2_VARIANT", "1") in macros)))
+        super().build_extensions()
+
+
+def extensions():
+    from Cython.Build import cythonize
+
+    ext = Extension(
+        "bn_cy._kernels",
+        sources=[
+            "bn_cy/_kernels.pyx",
+            "src_c/bn_kernels_base.c",
+            "src_c/bn_kernels_avx2.c",
+            "src_c/bn_dispatch.c",
+        ],
+        include_dirs=["src_c", np.get_include()],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+        depends=["src_c/bn_cy.h", "src_c/bn_internal.h", "src_c/bn_kernels_template.h"],
+    )
+    return cythonize([ext], compiler_directives={"language_level": 3}, quiet=True)
+
+
+setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt})

@@ -1,0 +1,155 @@
+/*
+ * Public entry points: pick the ISA variant once (AVX2+FMA when the CPU has it and it was built),
+ * and report build facts.
+ */
+#include <stdio.h>
+
+#include "bn_internal.h"
+
+#if defined(BNCY_HAVE_AVX2_VARIANT) && (defined(__GNUC__) || defined(__clang__))
+#define BNCY_DISPATCH_AVX2 1
+#else
+#define BNCY_DISPATCH_AVX2 0
+#endif
+
+/* Declarations of the per-ISA instances, generated from the public prototypes. */
+#define BNCY_DECLARE_ISA(SFX, ISA, T, CT)                                                         \
+    int bncy_moments_##SFX##_##ISA(const T *, bncy_strides, bncy_shape, const CT *, double *,     \
+                                   double *, int);                                                \
+    int bncy_normalize_##SFX##_##ISA(const T *, bncy_strides, T *, bncy_strides, bncy_shape,      \
+                                     const double *, const double *, const double *, int);        \
+    int bncy_batch_norm_##SFX##_##ISA(const T *, bncy_strides, T *, bncy_strides, bncy_shape,     \
+                                      const double *, const double *, const double *,             \
+                                      const double *, double, int);                               \
+    int bncy_batch_norm_train_##SFX##_##ISA(const T *, bncy_strides, T *, bncy_strides,           \
+                                            bncy_shape, const CT *, const double *,               \
+                                            const double *, double, double *, double *, int);     \
+    int bncy_batch_norm_backward_##SFX##_##ISA(const T *, bncy_strides, const T *, bncy_strides,  \
+                                               T *, bncy_strides, bncy_shape, const CT *,         \
+                                               const double *, const double *, const double *,    \
+                                               double, int, double *, double *, int);
+
+#define BNCY_DECLARE_ALL(ISA)                        \
+    BNCY_DECLARE_ISA(f32, ISA, float, float)         \
+    BNCY_DECLARE_ISA(f64, ISA, double, double)       \
+    BNCY_DECLARE_ISA(f16, ISA, bncy_half, float)     \
+    BNCY_DECLARE_ISA(bf16, ISA, bncy_bfloat16, float)
+
+BNCY_DECLARE_ALL(base)
+#if BNCY_DISPATCH_AVX2
+BNCY_DECLARE_ALL(avx2)
+#endif
+
+static int bncy_use_avx2(void) {
+#if BNCY_DISPATCH_AVX2
+    static int cached = -1;
+    if (cached < 0) {
+        __builtin_cpu_init();
+        cached = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    }
+    return cached;
+#else
+    return 0;
+#endif
+}
+
+#if BNCY_DISPATCH_AVX2
+#define BNCY_CALL(name, SFX, args) \
+    (bncy_use_avx2() ? name##_##SFX##_avx2 args : name##_##SFX##_base args)
+#else
+#define BNCY_CALL(name, SFX, args) (name##_##SFX##_base args)
+#endif
+
+#define BNCY_DEFINE(SFX, T, CT)                                                                   \
+    int bncy_moments_##SFX(const T *x, bncy_strides xs, bncy_shape sh, const CT *mask,            \
+                           double *mean, double *var, int n_threads) {                            \
+        return BNCY_CALL(bncy_moments, SFX, (x, xs, sh, mask, mean, var, n_threads));             \
+    }                                                                                             \
+    int bncy_normalize_##SFX(const T *x, bncy_strides xs, T *y, bncy_strides ys, bncy_shape sh,   \
+                             const double *mean, const double *scale, const double *shift,        \
+                             int n_threads) {                                                     \
+        return BNCY_CALL(bncy_normalize, SFX, (x, xs, y, ys, sh, mean, scale, shift, n_threads)); \
+    }                                                                                             \
+    int bncy_batch_norm_##SFX(const T *x, bncy_strides xs, T *y, bncy_strides ys, bncy_shape sh,  \
+                              const double *mean, const double *var, const double *gamma,         \
+                              const double *beta, double eps, int n_threads) {                    \
+        return BNCY_CALL(bncy_batch_norm, SFX,                                                    \
+                         (x, xs, y, ys, sh, mean, var, gamma, beta, eps, n_threads));             \
+    }                                                                                             \
+    int bncy_batch_norm_train_##SFX(const T *x, bncy_strides xs, T *y, bncy_strides ys,           \
+                                    bncy_shape sh, const CT *mask, const double *gamma,           \
+                                    const double *beta, double eps, double *mean, double *var,    \
+                                    int n_threads) {                                              \
+        return BNCY_CALL(bncy_batch_norm_train, SFX,                                              \
+                         (x, xs, y, ys, sh, mask, gamma, beta, eps, mean, var, n_threads));       \
+    }                                                                                             \
+    int bncy_batch_norm_backward_##SFX(const T *dy, bncy_strides dys, const T *x,                 \
+                                       bncy_strides xs, T *dx, bncy_strides dxs, bncy_shape sh,   \
+                                       const CT *mask, const double *mean, const double *var,     \
+                                       const double *gamma, double eps, int training,             \
+                                       double *dgamma, double *dbeta, int n_threads) {            \
+        return BNCY_CALL(bncy_batch_norm_backward, SFX,                                           \
+                         (dy, dys, x, xs, dx, dxs, sh, mask, mean, var, gamma, eps, training,     \
+                          dgamma, dbeta, n_threads));                                             \
+    }
+
+BNCY_DEFINE(f32, float, float)
+BNCY_DEFINE(f64, double, double)
+BNCY_DEFINE(f16, bncy_half, float)
+BNCY_DEFINE(bf16, bncy_bfloat16, float)
+
+int bncy_openmp_enabled(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+int bncy_omp_max_threads(void) {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+int bncy_num_procs(void) {
+#ifdef _OPENMP
+    return omp_get_num_procs();
+#else
+    return 1;
+#endif
+}
+
+const char *bncy_simd_level(void) { return bncy_use_avx2() ? "avx2+fma" : "baseline"; }
+
+const char *bncy_simd_compiled(void) {
+#if BNCY_DISPATCH_AVX2
+    return "baseline,avx2+fma";
+#else
+    return "baseline";
+#endif
+}
+
+#ifndef BNCY_COMPILER_TYPE
+#define BNCY_COMPILER_TYPE "unknown"
+#endif
+
+const char *bncy_compiler(void) {
+    static char text[128];
+    if (!text[0]) {
+#if defined(__clang__)
+        snprintf(text, sizeof text, "clang %d.%d.%d (%s)", __clang_major__, __clang_minor__,
+                 __clang_patchlevel__, BNCY_COMPILER_TYPE);
+#elif defined(__GNUC__)
+        snprintf(text, sizeof text, "gcc %d.%d.%d (%s)", __GNUC__, __GNUC_MINOR__,
+                 __GNUC_PATCHLEVEL__, BNCY_COMPILER_TYPE);
+#elif defined(_MSC_VER)
+        snprintf(text, sizeof text, "msvc %d (%s)", _MSC_VER, BNCY_COMPILER_TYPE);
+#else
+        snprintf(text, sizeof text, "%s", BNCY_COMPILER_TYPE);
+#endif
+    }
+    return text;
+}

@@ -1,0 +1,177 @@
+/*
+ * Internal helpers shared by every kernel instantiation: compiler portability macros, 16-bit
+ * float conversions, the work plan (which depends on the shape only, never on the thread count)
+ * and the Chan merge of partial statistics.
+ */
+#ifndef BN_INTERNAL_H
+#define BN_INTERNAL_H
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "bn_cy.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(_MSC_VER)
+#define BNCY_INLINE static __forceinline
+#define BNCY_RESTRICT __restrict
+#elif defined(__GNUC__) || defined(__clang__)
+#define BNCY_INLINE static inline __attribute__((always_inline))
+#define BNCY_RESTRICT __restrict__
+#else
+#define BNCY_INLINE static inline
+#define BNCY_RESTRICT
+#endif
+
+/* ---- work plan -------------------------------------------------------------------------- */
+
+/* Families of kernels, chosen from the strides of the main input. */
+#define BNCY_ROWS 0   /* loop over positions, inner loop over channels (channel stride small) */
+#define BNCY_PLANES 1 /* loop over channels, inner loop along the contiguous inner dim */
+
+#define BNCY_CBLOCK_MAX 512     /* channels handled together by one rows unit */
+#define BNCY_ROWS_TILE 4096     /* elements in one cache-resident two-pass tile (rows) */
+#define BNCY_PLANES_TILE 2048   /* positions in one two-pass tile (planes) */
+#define BNCY_GROUP_ELEMS 32768  /* fewer elements per group than this are not split further */
+#define BNCY_TARGET_UNITS 64    /* aim for this many independent units when the work allows */
+#define BNCY_PARALLEL_MIN 32768 /* below this many elements a call runs without a parallel region */
+#define BNCY_ELEM_BLOCK 16384   /* elements per unit of the elementwise passes */
+#define BNCY_LANES 8            /* independent accumulators along a plane (fixed summation order) */
+
+typedef struct {
+    int family;
+    int64_t M;         /* reduced positions per channel: outer * inner */
+    int64_t n_groups;  /* contiguous groups of positions per channel, merged in order */
+    int64_t group_len; /* positions per group (the last one may be shorter) */
+    int64_t cblock;    /* channels per rows unit */
+    int64_t n_cblocks;
+    int64_t n_units;   /* n_groups * (n_cblocks for rows, chan for planes) */
+} bncy_plan;
+
+static inline int64_t bncy_cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+static inline int64_t bncy_min64(int64_t a, int64_t b) { return a < b ? a : b; }
+static inline int64_t bncy_max64(int64_t a, int64_t b) { return a > b ? a : b; }
+static inline int64_t bncy_abs64(int64_t a) { return a < 0 ? -a : a; }
+
+/* The family depends on the layout; everything else only on the sizes. */
+static inline int bncy_choose_family(bncy_shape sh, bncy_strides xs) {
+    if (sh.inner <= 1) return BNCY_ROWS;
+    if (sh.chan <= 1) return BNCY_PLANES;
+    if (xs.inner == 1) return BNCY_PLANES;
+    if (xs.chan == 1) return BNCY_ROWS;
+    return bncy_abs64(xs.inner) <= bncy_abs64(xs.chan) ? BNCY_PLANES : BNCY_ROWS;
+}
+
+static inline bncy_plan bncy_make_plan(bncy_shape sh, bncy_strides xs) {
+    bncy_plan p;
+    int64_t total, by_work, by_units, cap;
+    p.family = bncy_choose_family(sh, xs);
+    p.M = sh.outer * sh.inner;
+    total = p.M * sh.chan;
+    by_work = bncy_max64(1, bncy_cdiv(total, BNCY_GROUP_ELEMS));
+    if (p.family == BNCY_ROWS) {
+        p.cblock = sh.chan <= BNCY_CBLOCK_MAX ? sh.chan : BNCY_CBLOCK_MAX / 2;
+        if (p.cblock < 1) p.cblock = 1;
+        p.n_cblocks = bncy_cdiv(sh.chan, p.cblock);
+        by_units = bncy_cdiv(BNCY_TARGET_UNITS, p.n_cblocks);
+        /* each group keeps >= 64 positions so the partials stay small next to the input */
+        cap = bncy_max64(1, p.M / 64);
+        p.n_groups = bncy_max64(1, bncy_min64(bncy_min64(by_work, by_units), cap));
+        p.n_units = p.n_groups * p.n_cblocks;
+    } else {
+        p.cblock = 1;
+        p.n_cblocks = sh.chan;
+        by_units = bncy_cdiv(BNCY_TARGET_UNITS, bncy_max64(1, sh.chan));
+        cap = bncy_max64(1, p.M / 4096);
+        p.n_groups = bncy_max64(1, bncy_min64(bncy_min64(by_work, by_units), cap));
+        p.n_units = p.n_groups * sh.chan;
+    }
+    p.group_len = bncy_max64(1, bncy_cdiv(p.M, p.n_groups));
+    return p;
+}
+
+static inline int bncy_threads_for(int64_t elements, int n_threads) {
+    if (n_threads < 1 || elements < BNCY_PARALLEL_MIN) return 1;
+    return n_threads;
+}
+
+/* ---- partial statistics ------------------------------------------------------------------ */
+
+/* Merge partial (wb, mb, m2b) into (wa, ma, m2a): Chan et al.'s pairwise update. */
+BNCY_INLINE void bncy_chan_merge(double *wa, double *ma, double *m2a, double wb, double mb,
+                                 double m2b) {
+    double w, delta;
+    if (wb == 0.0) return;
+    if (*wa == 0.0) {
+        *wa = wb;
+        *ma = mb;
+        *m2a = m2b;
+        return;
+    }
+    w = *wa + wb;
+    delta = mb - *ma;
+    *ma += delta * (wb / w);
+    *m2a += m2b + delta * delta * (*wa * wb / w);
+    *wa = w;
+}
+
+/* ---- 16-bit floats ----------------------------------------------------------------------- */
+
+BNCY_INLINE float bncy_bits_to_float(uint32_t u) {
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+BNCY_INLINE uint32_t bncy_float_to_bits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return u;
+}
+
+BNCY_INLINE float bncy_half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t exponent = (h >> 10) & 0x1fu;
+    uint32_t mantissa = h & 0x3ffu;
+    if (exponent == 0x1fu) /* Inf / NaN */
+        return bncy_bits_to_float(sign | 0x7f800000u | (mantissa << 13));
+    if (exponent == 0) { /* zero / subnormal: mantissa * 2^-24, exact in float */
+        float f = (float)mantissa * 5.9604644775390625e-8f;
+        return sign ? -f : f;
+    }
+    return bncy_bits_to_float(sign | ((exponent + 112u) << 23) | (mantissa << 13));
+}
+
+/* Round to nearest, ties to even (as NumPy does). */
+BNCY_INLINE uint16_t bncy_float_to_half(float f) {
+    uint32_t u = bncy_float_to_bits(f);
+    uint32_t sign = (u >> 16) & 0x8000u;
+    uint32_t a = u & 0x7fffffffu;
+    if (a >= 0x47800000u) { /* >= 65536, Inf or NaN */
+        if (a > 0x7f800000u) return (uint16_t)(sign | 0x7e00u | ((a >> 13) & 0x3ffu));
+        return (uint16_t)(sign | 0x7c00u);
+    }
+    if (a < 0x38800000u) { /* result is subnormal or zero: let the FPU round at 2^-24 */
+        float shifted = bncy_bits_to_float(a) + 0.5f; /* 0.5 = 2^-1: aligns 2^-24 to the ulp */
+        return (uint16_t)(sign | (bncy_float_to_bits(shifted) - 0x3f000000u));
+    }
+    /* normal: rebias exponent, round the 13 dropped bits to nearest even */
+    a += 0xc8000fffu + ((a >> 13) & 1u); /* (15 - 127) << 23, plus rounding bias */
+    return (uint16_t)(sign | (a >> 13));
+}
+
+BNCY_INLINE float bncy_bf16_to_float(uint16_t h) { return bncy_bits_to_float((uint32_t)h << 16); }
+
+BNCY_INLINE uint16_t bncy_float_to_bf16(float f) {
+    uint32_t u = bncy_float_to_bits(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* quiet NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+#endif /* BN_INTERNAL_H */

@@ -1,0 +1,721 @@
+/*
+ * Batch-normalization kernels, written once and instantiated per dtype and per ISA variant.
+ *
+ * Included by bn_kernels_base.c / bn_kernels_avx2.c once per dtype, with these macros defined:
+ *   T            storage type of the data (float, double, or uint16_t for float16/bfloat16)
+ *   CT           compute type (float for 16/32-bit data, double for float64)
+ *   SFX          dtype suffix token (f32, f64, f16, bf16)
+ *   ISA          ISA variant token (base, avx2)
+ *   LOAD(p)      read *p as CT
+ *   STORE(p, v)  write CT v to *p, rounding once
+ *
+ * Statistics (DESIGN.md section 3): each channel's positions are split into groups fixed by the
+ * shape (bncy_make_plan), each group into cache-resident tiles. A tile is reduced by two passes
+ * (sum, then centered sums of squares, both in double) and merged into its group with Chan's
+ * formula; groups are merged in order. No step depends on the number of threads, so results are
+ * bitwise identical for any thread count.
+ */
+
+#define BNCY_CAT3_(a, b, c) a##_##b##_##c
+#define BNCY_CAT3(a, b, c) BNCY_CAT3_(a, b, c)
+#define FN(name) BNCY_CAT3(name, SFX, ISA)
+
+/* Per-channel constants of an elementwise pass in the compute type. For float data the mean is
+   kept as a hi/lo pair so that (x - hi) - lo keeps the digits a single float mean would lose. */
+typedef struct {
+    CT hi, lo, a, b;
+} FN(bncy_chan_consts);
+
+/* Walks positions p = o*inner + i of the (outer, inner) grid in order, tracking the offset. */
+typedef struct {
+    int64_t o, i, off;
+} FN(bncy_pos);
+
+BNCY_INLINE FN(bncy_pos) FN(pos_at)(int64_t p, bncy_shape sh, bncy_strides s) {
+    FN(bncy_pos) q;
+    q.o = p / sh.inner;
+    q.i = p - q.o * sh.inner;
+    q.off = q.o * s.outer + q.i * s.inner;
+    return q;
+}
+
+BNCY_INLINE void FN(pos_next)(FN(bncy_pos) *q, bncy_shape sh, bncy_strides s) {
+    if (++q->i == sh.inner) {
+        q->i = 0;
+        q->o++;
+        q->off = q->o * s.outer;
+    } else {
+        q->off += s.inner;
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Statistics, rows family: a unit is (group of positions, block of channels); the inner loop runs
+ * across channels, so the compiler vectorizes across channels with no reassociation.
+ * ------------------------------------------------------------------------------------------- */
+BNCY_INLINE void FN(rows_stats_impl)(const T *BNCY_RESTRICT x, bncy_strides xs, bncy_shape sh,
+                                     const CT *BNCY_RESTRICT mask, int64_t p0, int64_t p1,
+                                     int64_t c0, int64_t nc, double *gw, double *gmean,
+                                     double *gm2, const int has_mask, const int unit_chan) {
+    double s[BNCY_CBLOCK_MAX], s1[BNCY_CBLOCK_MAX], s2[BNCY_CBLOCK_MAX], mt[BNCY_CBLOCK_MAX];
+    const int64_t sc = unit_chan ? 1 : xs.chan;
+    const int64_t tile_rows = bncy_max64(1, BNCY_ROWS_TILE / nc);
+    double wgroup = 0.0;
+    int64_t t0, c, p;
+    for (c = 0; c < nc; c++) gmean[c] = gm2[c] = 0.0;
+    for (t0 = p0; t0 < p1; t0 += tile_rows) {
+        const int64_t t1 = bncy_min64(p1, t0 + tile_rows);
+        double wt = 0.0, w;
+        FN(bncy_pos) q = FN(pos_at)(t0, sh, xs);
+        for (c = 0; c < nc; c++) s[c] = s1[c] = s2[c] = 0.0;
+        for (p = t0; p < t1; p++, FN(pos_next)(&q, sh, xs)) {
+            const T *BNCY_RESTRICT row = x + q.off + c0 * sc;
+            if (has_mask) {
+                w = (double)mask[p];
+                if (w == 0.0) continue;
+                wt += w;
+                for (c = 0; c < nc; c++) s[c] += w * (double)LOAD(row + c * sc);
+            } else {
+                for (c = 0; c < nc; c++) s[c] += (double)LOAD(row + c * sc);
+            }
+        }
+        if (!has_mask) wt = (double)(t1 - t0);
+        if (wt == 0.0) continue;
+        for (c = 0; c < nc; c++) mt[c] = s[c] / wt;
+        q = FN(pos_at)(t0, sh, xs);
+        for (p = t0; p < t1; p++, FN(pos_next)(&q, sh, xs)) {
+            const T *BNCY_RESTRICT row = x + q.off + c0 * sc;
+            if (has_mask) {
+                w = (double)mask[p];
+                if (w == 0.0) continue;
+                for (c = 0; c < nc; c++) {
+                    const double d = (double)LOAD(row + c * sc) - mt[c];
+                    s1[c] += w * d;
+                    s2[c] += w * d * d;
+                }
+            } else {
+                for (c = 0; c < nc; c++) {
+                    const double d = (double)LOAD(row + c * sc) - mt[c];
+                    s1[c] += d;
+                    s2[c] += d * d;
+                }
+            }
+        }
+        for (c = 0; c < nc; c++) {
+            /* the tile's exact mean is mt + s1/wt; s1 removes the rounding of mt */
+            const double tmean = mt[c] + s1[c] / wt;
+            double tm2 = s2[c] - s1[c] * (s1[c] / wt);
+            double wa = wgroup;
+            if (tm2 < 0.0) tm2 = 0.0; /* rounding only; NaN is kept */
+            bncy_chan_merge(&wa, &gmean[c], &gm2[c], wt, tmean, tm2);
+        }
+        wgroup += wt;
+    }
+    *gw = wgroup;
+}
+
+static void FN(rows_stats_unit)(const T *x, bncy_strides xs, bncy_shape sh, const CT *mask,
+                                int64_t p0, int64_t p1, int64_t c0, int64_t nc, double *gw,
+                                double *gmean, double *gm2) {
+    if (mask) {
+        if (xs.chan == 1)
+            FN(rows_stats_impl)(x, xs, sh, mask, p0, p1, c0, nc, gw, gmean, gm2, 1, 1);
+        else
+            FN(rows_stats_impl)(x, xs, sh, mask, p0, p1, c0, nc, gw, gmean, gm2, 1, 0);
+    } else {
+        if (xs.chan == 1)
+            FN(rows_stats_impl)(x, xs, sh, NULL, p0, p1, c0, nc, gw, gmean, gm2, 0, 1);
+        else
+            FN(rows_stats_impl)(x, xs, sh, NULL, p0, p1, c0, nc, gw, gmean, gm2, 0, 0);
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Statistics, planes family: a unit is (group of positions, one channel); the inner loop runs
+ * along the inner dim with BNCY_LANES independent accumulators combined in a fixed order.
+ * ------------------------------------------------------------------------------------------- */
+BNCY_INLINE double FN(lanes_total)(const double *a) {
+    return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+}
+
+/* Two-pass reduction of one tile of n elements at stride si (weights at stride 1). */
+BNCY_INLINE void FN(plane_tile)(const T *BNCY_RESTRICT seg, int64_t si,
+                                const CT *BNCY_RESTRICT wseg, int64_t n, double *wt_out,
+                                double *mean_out, double *m2_out, const int has_mask) {
+    double a[BNCY_LANES] = {0}, wa[BNCY_LANES] = {0};
+    double b1[BNCY_LANES] = {0}, b2[BNCY_LANES] = {0};
+    double wt, mt, s1, s2, m2;
+    const int64_t nv = n - n % BNCY_LANES;
+    int64_t k, l;
+    for (k = 0; k < nv; k += BNCY_LANES) {
+        for (l = 0; l < BNCY_LANES; l++) {
+            const double v = (double)LOAD(seg + (k + l) * si);
+            if (has_mask) {
+                const double w = (double)wseg[k + l];
+                a[l] += w != 0.0 ? w * v : 0.0;
+                wa[l] += w;
+            } else {
+                a[l] += v;
+            }
+        }
+    }
+    for (k = nv; k < n; k++) {
+        const double v = (double)LOAD(seg + k * si);
+        if (has_mask) {
+            const double w = (double)wseg[k];
+            a[k - nv] += w != 0.0 ? w * v : 0.0;
+            wa[k - nv] += w;
+        } else {
+            a[k - nv] += v;
+        }
+    }
+    wt = has_mask ? FN(lanes_total)(wa) : (double)n;
+    *wt_out = wt;
+    if (wt == 0.0) {
+        *mean_out = *m2_out = 0.0;
+        return;
+    }
+    mt = FN(lanes_total)(a) / wt;
+    for (k = 0; k < nv; k += BNCY_LANES) {
+        for (l = 0; l < BNCY_LANES; l++) {
+            const double d = (double)LOAD(seg + (k + l) * si) - mt;
+            if (has_mask) {
+                const double w = (double)wseg[k + l];
+                b1[l] += w != 0.0 ? w * d : 0.0;
+                b2[l] += w != 0.0 ? w * d * d : 0.0;
+            } else {
+                b1[l] += d;
+                b2[l] += d * d;
+            }
+        }
+    }
+    for (k = nv; k < n; k++) {
+        const double d = (double)LOAD(seg + k * si) - mt;
+        if (has_mask) {
+            const double w = (double)wseg[k];
+            b1[k - nv] += w != 0.0 ? w * d : 0.0;
+            b2[k - nv] += w != 0.0 ? w * d * d : 0.0;
+        } else {
+            b1[k - nv] += d;
+            b2[k - nv] += d * d;
+        }
+    }
+    s1 = FN(lanes_total)(b1);
+    s2 = FN(lanes_total)(b2);
+    m2 = s2 - s1 * (s1 / wt);
+    *mean_out = mt + s1 / wt;
+    *m2_out = m2 < 0.0 ? 0.0 : m2;
+}
+
+BNCY_INLINE void FN(planes_stats_impl)(const T *x, bncy_strides xs, bncy_shape sh,
+                                       const CT *mask, int64_t p0, int64_t p1, int64_t c,
+                                       double *gw, double *gmean, double *gm2,
+                                       const int has_mask, const int unit_inner) {
+    const int64_t si = unit_inner ? 1 : xs.inner;
+    double w = 0.0, mean = 0.0, m2 = 0.0;
+    int64_t p = p0;
+    while (p < p1) {
+        const int64_t o = p / sh.inner, i = p - o * sh.inner;
+        const int64_t n = bncy_min64(bncy_min64(p1 - p, sh.inner - i), BNCY_PLANES_TILE);
+        const T *seg = x + o * xs.outer + c * xs.chan + i * si;
+        double tw, tmean, tm2;
+        FN(plane_tile)(seg, si, has_mask ? mask + p : NULL, n, &tw, &tmean, &tm2, has_mask);
+        bncy_chan_merge(&w, &mean, &m2, tw, tmean, tm2);
+        p += n;
+    }
+    *gw = w;
+    *gmean = mean;
+    *gm2 = m2;
+}
+
+static void FN(planes_stats_unit)(const T *x, bncy_strides xs, bncy_shape sh, const CT *mask,
+                                  int64_t p0, int64_t p1, int64_t c, double *gw, double *gmean,
+                                  double *gm2) {
+    if (mask) {
+        if (xs.inner == 1)
+            FN(planes_stats_impl)(x, xs, sh, mask, p0, p1, c, gw, gmean, gm2, 1, 1);
+        else
+            FN(planes_stats_impl)(x, xs, sh, mask, p0, p1, c, gw, gmean, gm2, 1, 0);
+    } else {
+        if (xs.inner == 1)
+            FN(planes_stats_impl)(x, xs, sh, NULL, p0, p1, c, gw, gmean, gm2, 0, 1);
+        else
+            FN(planes_stats_impl)(x, xs, sh, NULL, p0, p1, c, gw, gmean, gm2, 0, 0);
+    }
+}
+
+/* Statistics of every channel into mean/var (double, length chan). */
+int FN(bncy_moments)(const T *x, bncy_strides xs, bncy_shape sh, const CT *mask, double *mean,
+                     double *var, int n_threads) {
+    bncy_plan plan;
+    double *part;
+    int64_t G, C = sh.chan, u, c;
+    int nt;
+    if (sh.outer < 0 || sh.chan < 0 || sh.inner < 0) return BNCY_ERR_ARG;
+    if (C == 0) return BNCY_OK;
+    if (sh.outer == 0 || sh.inner == 0) {
+        for (c = 0; c < C; c++) mean[c] = var[c] = NAN;
+        return BNCY_OK;
+    }
+    plan = bncy_make_plan(sh, xs);
+    G = plan.n_groups;
+    part = (double *)malloc((size_t)(3 * G * C) * sizeof(double)); /* [w | mean | m2], g-major */
+    if (!part) return BNCY_ERR_NOMEM;
+    nt = bncy_threads_for(plan.M * C, n_threads);
+    (void)nt;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+#endif
+    for (u = 0; u < plan.n_units; u++) {
+        const int64_t g = u % G, blk = u / G;
+        const int64_t p0 = g * plan.group_len, p1 = bncy_min64(plan.M, p0 + plan.group_len);
+        double *pw = part, *pm = part + G * C, *pm2 = part + 2 * G * C;
+        if (plan.family == BNCY_ROWS) {
+            const int64_t c0 = blk * plan.cblock, nc = bncy_min64(plan.cblock, C - c0);
+            double gw;
+            FN(rows_stats_unit)(x, xs, sh, mask, p0, p1, c0, nc, &gw, pm + g * C + c0,
+                                pm2 + g * C + c0);
+            for (c = 0; c < nc; c++) pw[g * C + c0 + c] = gw;
+        } else {
+            FN(planes_stats_unit)(x, xs, sh, mask, p0, p1, blk, pw + g * C + blk,
+                                  pm + g * C + blk, pm2 + g * C + blk);
+        }
+    }
+    for (c = 0; c < C; c++) {
+        double w = 0.0, m = 0.0, m2 = 0.0;
+        int64_t g;
+        for (g = 0; g < G; g++)
+            bncy_chan_merge(&w, &m, &m2, part[g * C + c], part[(G + g) * C + c],
+                            part[(2 * G + g) * C + c]);
+        if (w > 0.0) {
+            mean[c] = m;
+            var[c] = m2 / w;
+        } else {
+            mean[c] = var[c] = NAN;
+        }
+    }
+    free(part);
+    return BNCY_OK;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Elementwise normalize: y = ((x - hi) - lo) * a + b.
+ * ------------------------------------------------------------------------------------------- */
+static void FN(make_consts)(FN(bncy_chan_consts) * k, int64_t C, const double *mean,
+                            const double *scale, const double *shift) {
+    int64_t c;
+    for (c = 0; c < C; c++) {
+        const double m = mean[c];
+        const CT hi = (CT)m;
+        k[c].hi = hi;
+        k[c].lo = (CT)(m - (double)hi);
+        k[c].a = (CT)scale[c];
+        k[c].b = (CT)(shift ? shift[c] : 0.0);
+    }
+}
+
+BNCY_INLINE void FN(rows_normalize_impl)(const T *x, bncy_strides xs, T *y, bncy_strides ys,
+                                         bncy_shape sh, const CT *BNCY_RESTRICT hi,
+                                         const CT *BNCY_RESTRICT lo, const CT *BNCY_RESTRICT a,
+                                         const CT *BNCY_RESTRICT b, int64_t p0, int64_t p1,
+                                         const int unit_chan) {
+    const int64_t sxc = unit_chan ? 1 : xs.chan, syc = unit_chan ? 1 : ys.chan;
+    FN(bncy_pos) qx = FN(pos_at)(p0, sh, xs), qy = FN(pos_at)(p0, sh, ys);
+    int64_t p, c;
+    for (p = p0; p < p1; p++) {
+        const T *xr = x + qx.off;
+        T *yr = y + qy.off;
+        for (c = 0; c < sh.chan; c++) {
+            const CT v = LOAD(xr + c * sxc);
+            STORE(yr + c * syc, ((v - hi[c]) - lo[c]) * a[c] + b[c]);
+        }
+        FN(pos_next)(&qx, sh, xs);
+        FN(pos_next)(&qy, sh, ys);
+    }
+}
+
+BNCY_INLINE void FN(plane_normalize_impl)(const T *xp, int64_t sxi, T *yp, int64_t syi,
+                                          int64_t n, CT hi, CT lo, CT a, CT b) {
+    int64_t i;
+    for (i = 0; i < n; i++) {
+        const CT v = LOAD(xp + i * sxi);
+        STORE(yp + i * syi, ((v - hi) - lo) * a + b);
+    }
+}
+
+static int FN(normalize_consts)(const T *x, bncy_strides xs, T *y, bncy_strides ys,
+                                bncy_shape sh, const FN(bncy_chan_consts) * k, int n_threads) {
+    const int64_t C = sh.chan, M = sh.outer * sh.inner;
+    const int family = bncy_choose_family(sh, xs);
+    const int nt = bncy_threads_for(M * C, n_threads);
+    int64_t u;
+    (void)nt;
+    if (M == 0 || C == 0) return BNCY_OK;
+    if (family == BNCY_ROWS) {
+        const int64_t rows = bncy_max64(1, BNCY_ELEM_BLOCK / C), n_units = bncy_cdiv(M, rows);
+        const int unit = xs.chan == 1 && ys.chan == 1;
+        CT *arr = (CT *)malloc((size_t)(4 * C) * sizeof(CT));
+        int64_t c;
+        if (!arr) return BNCY_ERR_NOMEM;
+        for (c = 0; c < C; c++) {
+            arr[c] = k[c].hi;
+            arr[C + c] = k[c].lo;
+            arr[2 * C + c] = k[c].a;
+            arr[3 * C + c] = k[c].b;
+        }
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+#endif
+        for (u = 0; u < n_units; u++) {
+            const int64_t p0 = u * rows, p1 = bncy_min64(M, p0 + rows);
+            if (unit)
+                FN(rows_normalize_impl)(x, xs, y, ys, sh, arr, arr + C, arr + 2 * C, arr + 3 * C,
+                                        p0, p1, 1);
+            else
+                FN(rows_normalize_impl)(x, xs, y, ys, sh, arr, arr + C, arr + 2 * C, arr + 3 * C,
+                                        p0, p1, 0);
+        }
+        free(arr);
+    } else {
+        /* units: (o, c, block of the inner dim) */
+        const int64_t blk = BNCY_ELEM_BLOCK, nb = bncy_cdiv(sh.inner, blk);
+        const int64_t n_units = sh.outer * C * nb;
+        const int unit = xs.inner == 1 && ys.inner == 1;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+#endif
+        for (u = 0; u < n_units; u++) {
+            const int64_t b = u % nb, oc = u / nb, c = oc % C, o = oc / C;
+            const int64_t i0 = b * blk, n = bncy_min64(blk, sh.inner - i0);
+            const T *xp = x + o * xs.outer + c * xs.chan + i0 * xs.inner;
+            T *yp = y + o * ys.outer + c * ys.chan + i0 * ys.inner;
+            if (unit)
+                FN(plane_normalize_impl)(xp, 1, yp, 1, n, k[c].hi, k[c].lo, k[c].a, k[c].b);
+            else
+                FN(plane_normalize_impl)(xp, xs.inner, yp, ys.inner, n, k[c].hi, k[c].lo, k[c].a,
+                                         k[c].b);
+        }
+    }
+    return BNCY_OK;
+}
+
+int FN(bncy_normalize)(const T *x, bncy_strides xs, T *y, bncy_strides ys, bncy_shape sh,
+                       const double *mean, const double *scale, const double *shift,
+                       int n_threads) {
+    FN(bncy_chan_consts) * k;
+    int status;
+    if (sh.outer < 0 || sh.chan < 0 || sh.inner < 0) return BNCY_ERR_ARG;
+    if (sh.chan == 0) return BNCY_OK;
+    k = (FN(bncy_chan_consts) *)malloc((size_t)sh.chan * sizeof *k);
+    if (!k) return BNCY_ERR_NOMEM;
+    FN(make_consts)(k, sh.chan, mean, scale, shift);
+    status = FN(normalize_consts)(x, xs, y, ys, sh, k, n_threads);
+    free(k);
+    return status;
+}
+
+/* scale = gamma / sqrt(var + eps), shift = beta, in double. */
+static int FN(affine_normalize)(const T *x, bncy_strides xs, T *y, bncy_strides ys,
+                                bncy_shape sh, const double *mean, const double *var,
+                                const double *gamma, const double *beta, double eps,
+                                int n_threads) {
+    const int64_t C = sh.chan;
+    double *scale;
+    int64_t c;
+    int status;
+    if (C == 0) return BNCY_OK;
+    scale = (double *)malloc((size_t)C * sizeof(double));
+    if (!scale) return BNCY_ERR_NOMEM;
+    for (c = 0; c < C; c++) scale[c] = (gamma ? gamma[c] : 1.0) / sqrt(var[c] + eps);
+    status = FN(bncy_normalize)(x, xs, y, ys, sh, mean, scale, beta, n_threads);
+    free(scale);
+    return status;
+}
+
+int FN(bncy_batch_norm)(const T *x, bncy_strides xs, T *y, bncy_strides ys, bncy_shape sh,
+                        const double *mean, const double *var, const double *gamma,
+                        const double *beta, double eps, int n_threads) {
+    if (sh.outer < 0 || sh.chan < 0 || sh.inner < 0) return BNCY_ERR_ARG;
+    return FN(affine_normalize)(x, xs, y, ys, sh, mean, var, gamma, beta, eps, n_threads);
+}
+
+int FN(bncy_batch_norm_train)(const T *x, bncy_strides xs, T *y, bncy_strides ys, bncy_shape sh,
+                              const CT *mask, const double *gamma, const double *beta,
+                              double eps, double *mean, double *var, int n_threads) {
+    int status = FN(bncy_moments)(x, xs, sh, mask, mean, var, n_threads);
+    if (status != BNCY_OK) return status;
+    return FN(affine_normalize)(x, xs, y, ys, sh, mean, var, gamma, beta, eps, n_threads);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Backward. Pass 1 reduces sum(dy) and sum(dy * (x - mean)) per channel (over every position,
+ * masked or not), with the same fixed grouping as the statistics. Pass 2 writes
+ *   dx = A*dy - w*(B + (x - mean)*K)          (training; w = 1 without a mask)
+ *   dx = A*dy                                 (inference)
+ * with A = g*inv, B = g*inv*sum(dy)/W, K = g*inv^3*sum(dy*(x-mean))/W.
+ * ------------------------------------------------------------------------------------------- */
+BNCY_INLINE void FN(rows_grad_sums_impl)(const T *dy, bncy_strides dys, const T *x,
+                                         bncy_strides xs, bncy_shape sh,
+                                         const double *BNCY_RESTRICT mean, int64_t p0, int64_t p1,
+                                         int64_t c0, int64_t nc, double *BNCY_RESTRICT sdy,
+                                         double *BNCY_RESTRICT sdyx, const int unit_chan) {
+    const int64_t sxc = unit_chan ? 1 : xs.chan, sdc = unit_chan ? 1 : dys.chan;
+    FN(bncy_pos) qx = FN(pos_at)(p0, sh, xs), qd = FN(pos_at)(p0, sh, dys);
+    const double *m = mean + c0;
+    int64_t p, c;
+    for (c = 0; c < nc; c++) sdy[c] = sdyx[c] = 0.0;
+    for (p = p0; p < p1; p++) {
+        const T *BNCY_RESTRICT xr = x + qx.off + c0 * sxc;
+        const T *BNCY_RESTRICT dr = dy + qd.off + c0 * sdc;
+        for (c = 0; c < nc; c++) {
+            const double g = (double)LOAD(dr + c * sdc);
+            sdy[c] += g;
+            sdyx[c] += g * ((double)LOAD(xr + c * sxc) - m[c]);
+        }
+        FN(pos_next)(&qx, sh, xs);
+        FN(pos_next)(&qd, sh, dys);
+    }
+}
+
+BNCY_INLINE void FN(planes_grad_sums_impl)(const T *dy, bncy_strides dys, const T *x,
+                                           bncy_strides xs, bncy_shape sh, double m, int64_t p0,
+                                           int64_t p1, int64_t c, double *sdy_out,
+                                           double *sdyx_out, const int unit_inner) {
+    double a[BNCY_LANES] = {0}, b[BNCY_LANES] = {0};
+    int64_t p = p0, k, l;
+    while (p < p1) {
+        const int64_t o = p / sh.inner, i = p - o * sh.inner;
+        const int64_t n = bncy_min64(p1 - p, sh.inner - i);
+        const int64_t sxi = unit_inner ? 1 : xs.inner, sdi = unit_inner ? 1 : dys.inner;
+        const T *xp = x + o * xs.outer + c * xs.chan + i * sxi;
+        const T *dp = dy + o * dys.outer + c * dys.chan + i * sdi;
+        const int64_t nv = n - n % BNCY_LANES;
+        for (k = 0; k < nv; k += BNCY_LANES) {
+            for (l = 0; l < BNCY_LANES; l++) {
+                const double g = (double)LOAD(dp + (k + l) * sdi);
+                a[l] += g;
+                b[l] += g * ((double)LOAD(xp + (k + l) * sxi) - m);
+            }
+        }
+        for (k = nv; k < n; k++) {
+            const double g = (double)LOAD(dp + k * sdi);
+            a[k - nv] += g;
+            b[k - nv] += g * ((double)LOAD(xp + k * sxi) - m);
+        }
+        p += n;
+    }
+    *sdy_out = FN(lanes_total)(a);
+    *sdyx_out = FN(lanes_total)(b);
+}
+
+static int FN(grad_sums)(const T *dy, bncy_strides dys, const T *x, bncy_strides xs,
+                         bncy_shape sh, const double *mean, double *sdy, double *sdyx,
+                         int n_threads) {
+    const int64_t C = sh.chan;
+    bncy_plan plan;
+    double *part;
+    int64_t G, u, c;
+    int nt;
+    if (sh.outer == 0 || sh.inner == 0) {
+        for (c = 0; c < C; c++) sdy[c] = sdyx[c] = 0.0;
+        return BNCY_OK;
+    }
+    plan = bncy_make_plan(sh, xs);
+    G = plan.n_groups;
+    part = (double *)malloc((size_t)(2 * G * C) * sizeof(double));
+    if (!part) return BNCY_ERR_NOMEM;
+    nt = bncy_threads_for(plan.M * C, n_threads);
+    (void)nt;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+#endif
+    for (u = 0; u < plan.n_units; u++) {
+        const int64_t g = u % G, blk = u / G;
+        const int64_t p0 = g * plan.group_len, p1 = bncy_min64(plan.M, p0 + plan.group_len);
+        if (plan.family == BNCY_ROWS) {
+            const int64_t c0 = blk * plan.cblock, nc = bncy_min64(plan.cblock, C - c0);
+            if (xs.chan == 1 && dys.chan == 1)
+                FN(rows_grad_sums_impl)(dy, dys, x, xs, sh, mean, p0, p1, c0, nc,
+                                        part + g * C + c0, part + (G + g) * C + c0, 1);
+            else
+                FN(rows_grad_sums_impl)(dy, dys, x, xs, sh, mean, p0, p1, c0, nc,
+                                        part + g * C + c0, part + (G + g) * C + c0, 0);
+        } else if (xs.inner == 1 && dys.inner == 1) {
+            FN(planes_grad_sums_impl)(dy, dys, x, xs, sh, mean[blk], p0, p1, blk,
+                                      part + g * C + blk, part + (G + g) * C + blk, 1);
+        } else {
+            FN(planes_grad_sums_impl)(dy, dys, x, xs, sh, mean[blk], p0, p1, blk,
+                                      part + g * C + blk, part + (G + g) * C + blk, 0);
+        }
+    }
+    for (c = 0; c < C; c++) {
+        double a = 0.0, b = 0.0;
+        int64_t g;
+        for (g = 0; g < G; g++) {
+            a += part[g * C + c];
+            b += part[(G + g) * C + c];
+        }
+        sdy[c] = a;
+        sdyx[c] = b;
+    }
+    free(part);
+    return BNCY_OK;
+}
+
+/* Elementwise dx; A/B/K/hi/lo are per-channel arrays in the compute type. */
+typedef struct {
+    const CT *A, *B, *K, *hi, *lo;
+} FN(bncy_grad_consts);
+
+BNCY_INLINE CT FN(dx_value)(CT g, CT v, CT w, int64_t c, FN(bncy_grad_consts) k,
+                            const int training, const int has_mask) {
+    if (!training) return k.A[c] * g;
+    {
+        const CT t = k.B[c] + ((v - k.hi[c]) - k.lo[c]) * k.K[c];
+        return k.A[c] * g - (has_mask ? w * t : t);
+    }
+}
+
+BNCY_INLINE void FN(rows_dx_impl)(const T *dy, bncy_strides dys, const T *x, bncy_strides xs,
+                                  T *dx, bncy_strides dxs, bncy_shape sh, const CT *mask,
+                                  FN(bncy_grad_consts) k, int64_t p0, int64_t p1,
+                                  const int training, const int has_mask) {
+    FN(bncy_pos) qx = FN(pos_at)(p0, sh, xs), qd = FN(pos_at)(p0, sh, dys);
+    FN(bncy_pos) qo = FN(pos_at)(p0, sh, dxs);
+    int64_t p, c;
+    for (p = p0; p < p1; p++) {
+        const T *xr = x + qx.off, *dr = dy + qd.off;
+        T *orow = dx + qo.off;
+        const CT w = has_mask ? mask[p] : (CT)1;
+        for (c = 0; c < sh.chan; c++) {
+            const CT g = LOAD(dr + c * dys.chan);
+            const CT v = training ? LOAD(xr + c * xs.chan) : (CT)0;
+            STORE(orow + c * dxs.chan, FN(dx_value)(g, v, w, c, k, training, has_mask));
+        }
+        FN(pos_next)(&qx, sh, xs);
+        FN(pos_next)(&qd, sh, dys);
+        FN(pos_next)(&qo, sh, dxs);
+    }
+}
+
+BNCY_INLINE void FN(plane_dx_impl)(const T *dp, int64_t sdi, const T *xp, int64_t sxi, T *op,
+                                   int64_t soi, const CT *wp, int64_t n, int64_t c,
+                                   FN(bncy_grad_consts) k, const int training,
+                                   const int has_mask) {
+    int64_t i;
+    for (i = 0; i < n; i++) {
+        const CT g = LOAD(dp + i * sdi);
+        const CT v = training ? LOAD(xp + i * sxi) : (CT)0;
+        const CT w = has_mask ? wp[i] : (CT)1;
+        STORE(op + i * soi, FN(dx_value)(g, v, w, c, k, training, has_mask));
+    }
+}
+
+static void FN(dx_pass)(const T *dy, bncy_strides dys, const T *x, bncy_strides xs, T *dx,
+                        bncy_strides dxs, bncy_shape sh, const CT *mask, FN(bncy_grad_consts) k,
+                        int training, int n_threads) {
+    const int64_t C = sh.chan, M = sh.outer * sh.inner;
+    const int family = bncy_choose_family(sh, xs);
+    const int nt = bncy_threads_for(M * C, n_threads);
+    const int has_mask = mask != NULL;
+    int64_t u;
+    (void)nt;
+    if (family == BNCY_ROWS) {
+        const int64_t rows = bncy_max64(1, BNCY_ELEM_BLOCK / C), n_units = bncy_cdiv(M, rows);
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+#endif
+        for (u = 0; u < n_units; u++) {
+            const int64_t p0 = u * rows, p1 = bncy_min64(M, p0 + rows);
+            if (!training)
+                FN(rows_dx_impl)(dy, dys, x, xs, dx, dxs, sh, NULL, k, p0, p1, 0, 0);
+            else if (has_mask)
+                FN(rows_dx_impl)(dy, dys, x, xs, dx, dxs, sh, mask, k, p0, p1, 1, 1);
+            else
+                FN(rows_dx_impl)(dy, dys, x, xs, dx, dxs, sh, NULL, k, p0, p1, 1, 0);
+        }
+    } else {
+        const int64_t blk = BNCY_ELEM_BLOCK, nb = bncy_cdiv(sh.inner, blk);
+        const int64_t n_units = sh.outer * C * nb;
+        const int unit = xs.inner == 1 && dys.inner == 1 && dxs.inner == 1;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+#endif
+        for (u = 0; u < n_units; u++) {
+            const int64_t b = u % nb, oc = u / nb, c = oc % C, o = oc / C;
+            const int64_t i0 = b * blk, n = bncy_min64(blk, sh.inner - i0);
+            const T *dp = dy + o * dys.outer + c * dys.chan + i0 * dys.inner;
+            const T *xp = x + o * xs.outer + c * xs.chan + i0 * xs.inner;
+            T *op = dx + o * dxs.outer + c * dxs.chan + i0 * dxs.inner;
+            const CT *wp = has_mask ? mask + o * sh.inner + i0 : NULL;
+            if (!training)
+                FN(plane_dx_impl)(dp, dys.inner, xp, xs.inner, op, dxs.inner, NULL, n, c, k, 0, 0);
+            else if (unit && has_mask)
+                FN(plane_dx_impl)(dp, 1, xp, 1, op, 1, wp, n, c, k, 1, 1);
+            else if (unit)
+                FN(plane_dx_impl)(dp, 1, xp, 1, op, 1, NULL, n, c, k, 1, 0);
+            else
+                FN(plane_dx_impl)(dp, dys.inner, xp, xs.inner, op, dxs.inner, wp, n, c, k, 1,
+                                  has_mask);
+        }
+    }
+}
+
+/* Sum of the weights over the positions (the same for every channel). */
+static double FN(weight_total)(const CT *mask, int64_t M) {
+    double a[BNCY_LANES] = {0};
+    int64_t p;
+    if (!mask) return (double)M;
+    for (p = 0; p < M; p++) a[p % BNCY_LANES] += (double)mask[p];
+    return FN(lanes_total)(a);
+}
+
+int FN(bncy_batch_norm_backward)(const T *dy, bncy_strides dys, const T *x, bncy_strides xs,
+                                 T *dx, bncy_strides dxs, bncy_shape sh, const CT *mask,
+                                 const double *mean, const double *var, const double *gamma,
+                                 double eps, int training, double *dgamma, double *dbeta,
+                                 int n_threads) {
+    const int64_t C = sh.chan, M = sh.outer * sh.inner;
+    double *sdyx, W;
+    CT *arr;
+    FN(bncy_grad_consts) k;
+    int64_t c;
+    int status;
+    if (sh.outer < 0 || sh.chan < 0 || sh.inner < 0) return BNCY_ERR_ARG;
+    if (C == 0) return BNCY_OK;
+    sdyx = (double *)malloc((size_t)C * sizeof(double));
+    arr = (CT *)malloc((size_t)(5 * C) * sizeof(CT));
+    if (!sdyx || !arr) {
+        free(sdyx);
+        free(arr);
+        return BNCY_ERR_NOMEM;
+    }
+    status = FN(grad_sums)(dy, dys, x, xs, sh, mean, dbeta, sdyx, n_threads);
+    if (status == BNCY_OK) {
+        W = training ? FN(weight_total)(mask, M) : 0.0;
+        for (c = 0; c < C; c++) {
+            const double inv = 1.0 / sqrt(var[c] + eps);
+            const double g = gamma ? gamma[c] : 1.0;
+            const CT hi = (CT)mean[c];
+            dgamma[c] = sdyx[c] * inv;
+            arr[c] = (CT)(g * inv);
+            arr[C + c] = training ? (CT)(g * inv * dbeta[c] / W) : (CT)0;
+            arr[2 * C + c] = training ? (CT)(g * inv * inv * inv * sdyx[c] / W) : (CT)0;
+            arr[3 * C + c] = hi;
+            arr[4 * C + c] = (CT)(mean[c] - (double)hi);
+        }
+        k.A = arr;
+        k.B = arr + C;
+        k.K = arr + 2 * C;
+        k.hi = arr + 3 * C;
+        k.lo = arr + 4 * C;
+        if (M > 0) FN(dx_pass)(dy, dys, x, xs, dx, dxs, sh, mask, k, training, n_threads);
+    }
+    free(sdyx);
+    free(arr);
+    return status;
+}
+
+#undef FN
+#undef BNCY_CAT3
+#undef BNCY_CAT3_
