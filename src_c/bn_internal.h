@@ -19,13 +19,28 @@
 
 #if defined(_MSC_VER)
 #define BNCY_INLINE static __forceinline
+#define BNCY_NOINLINE __declspec(noinline)
 #define BNCY_RESTRICT __restrict
 #elif defined(__GNUC__) || defined(__clang__)
 #define BNCY_INLINE static inline __attribute__((always_inline))
+#define BNCY_NOINLINE __attribute__((noinline))
 #define BNCY_RESTRICT __restrict__
 #else
 #define BNCY_INLINE static inline
+#define BNCY_NOINLINE
 #define BNCY_RESTRICT
+#endif
+
+/* Tells the compiler that the iterations of the next loop are independent (no aliasing between
+   the arrays it reads and writes), so it vectorizes without runtime overlap checks. */
+#if defined(__clang__)
+#define BNCY_IVDEP _Pragma("clang loop vectorize(assume_safety)")
+#elif defined(__GNUC__)
+#define BNCY_IVDEP _Pragma("GCC ivdep")
+#elif defined(_MSC_VER)
+#define BNCY_IVDEP __pragma(loop(ivdep))
+#else
+#define BNCY_IVDEP
 #endif
 
 /* ---- work plan -------------------------------------------------------------------------- */

@@ -53,53 +53,65 @@ BNCY_INLINE void FN(pos_next)(FN(bncy_pos) *q, bncy_shape sh, bncy_strides s) {
  * Statistics, rows family: a unit is (group of positions, block of channels); the inner loop runs
  * across channels, so the compiler vectorizes across channels with no reassociation.
  * ------------------------------------------------------------------------------------------- */
-BNCY_INLINE void FN(rows_stats_impl)(const T *BNCY_RESTRICT x, bncy_strides xs, bncy_shape sh,
-                                     const CT *BNCY_RESTRICT mask, int64_t p0, int64_t p1,
-                                     int64_t c0, int64_t nc, double *gw, double *gmean,
-                                     double *gm2, const int has_mask, const int unit_chan) {
+/* One row of channels: s += w*x (pass 1) and s1 += w*d, s2 += w*d*d with d = x - mt (pass 2).
+   Kept out of line: inlined into the position loop, gcc may interchange the two loops and
+   read the data column-wise. With w = 1 the products are exact, so unmasked data pay nothing. */
+static BNCY_NOINLINE void FN(row_sum)(double *BNCY_RESTRICT s, const T *BNCY_RESTRICT row,
+                                      int64_t nc, int64_t sc, double w) {
+    int64_t c;
+    if (sc == 1) {
+        BNCY_IVDEP for (c = 0; c < nc; c++) s[c] += w * (double)LOAD(row + c);
+    } else {
+        for (c = 0; c < nc; c++) s[c] += w * (double)LOAD(row + c * sc);
+    }
+}
+
+static BNCY_NOINLINE void FN(row_dev)(double *BNCY_RESTRICT s1, double *BNCY_RESTRICT s2,
+                                      const T *BNCY_RESTRICT row, const double *BNCY_RESTRICT mt,
+                                      int64_t nc, int64_t sc, double w) {
+    int64_t c;
+    if (sc == 1) {
+        BNCY_IVDEP for (c = 0; c < nc; c++) {
+            const double d = (double)LOAD(row + c) - mt[c];
+            s1[c] += w * d;
+            s2[c] += (w * d) * d;
+        }
+    } else {
+        for (c = 0; c < nc; c++) {
+            const double d = (double)LOAD(row + c * sc) - mt[c];
+            s1[c] += w * d;
+            s2[c] += (w * d) * d;
+        }
+    }
+}
+
+static void FN(rows_stats_unit)(const T *x, bncy_strides xs, bncy_shape sh, const CT *mask,
+                                int64_t p0, int64_t p1, int64_t c0, int64_t nc, double *gw,
+                                double *gmean, double *gm2) {
     double s[BNCY_CBLOCK_MAX], s1[BNCY_CBLOCK_MAX], s2[BNCY_CBLOCK_MAX], mt[BNCY_CBLOCK_MAX];
-    const int64_t sc = unit_chan ? 1 : xs.chan;
+    const int64_t sc = xs.chan;
     const int64_t tile_rows = bncy_max64(1, BNCY_ROWS_TILE / nc);
     double wgroup = 0.0;
     int64_t t0, c, p;
     for (c = 0; c < nc; c++) gmean[c] = gm2[c] = 0.0;
     for (t0 = p0; t0 < p1; t0 += tile_rows) {
         const int64_t t1 = bncy_min64(p1, t0 + tile_rows);
-        double wt = 0.0, w;
+        double wt = 0.0;
         FN(bncy_pos) q = FN(pos_at)(t0, sh, xs);
         for (c = 0; c < nc; c++) s[c] = s1[c] = s2[c] = 0.0;
         for (p = t0; p < t1; p++, FN(pos_next)(&q, sh, xs)) {
-            const T *BNCY_RESTRICT row = x + q.off + c0 * sc;
-            if (has_mask) {
-                w = (double)mask[p];
-                if (w == 0.0) continue;
-                wt += w;
-                for (c = 0; c < nc; c++) s[c] += w * (double)LOAD(row + c * sc);
-            } else {
-                for (c = 0; c < nc; c++) s[c] += (double)LOAD(row + c * sc);
-            }
+            const double w = mask ? (double)mask[p] : 1.0;
+            if (w == 0.0) continue; /* masked out: not even a NaN there counts */
+            wt += w;
+            FN(row_sum)(s, x + q.off + c0 * sc, nc, sc, w);
         }
-        if (!has_mask) wt = (double)(t1 - t0);
         if (wt == 0.0) continue;
         for (c = 0; c < nc; c++) mt[c] = s[c] / wt;
         q = FN(pos_at)(t0, sh, xs);
         for (p = t0; p < t1; p++, FN(pos_next)(&q, sh, xs)) {
-            const T *BNCY_RESTRICT row = x + q.off + c0 * sc;
-            if (has_mask) {
-                w = (double)mask[p];
-                if (w == 0.0) continue;
-                for (c = 0; c < nc; c++) {
-                    const double d = (double)LOAD(row + c * sc) - mt[c];
-                    s1[c] += w * d;
-                    s2[c] += w * d * d;
-                }
-            } else {
-                for (c = 0; c < nc; c++) {
-                    const double d = (double)LOAD(row + c * sc) - mt[c];
-                    s1[c] += d;
-                    s2[c] += d * d;
-                }
-            }
+            const double w = mask ? (double)mask[p] : 1.0;
+            if (w == 0.0) continue;
+            FN(row_dev)(s1, s2, x + q.off + c0 * sc, mt, nc, sc, w);
         }
         for (c = 0; c < nc; c++) {
             /* the tile's exact mean is mt + s1/wt; s1 removes the rounding of mt */
@@ -112,22 +124,6 @@ BNCY_INLINE void FN(rows_stats_impl)(const T *BNCY_RESTRICT x, bncy_strides xs, 
         wgroup += wt;
     }
     *gw = wgroup;
-}
-
-static void FN(rows_stats_unit)(const T *x, bncy_strides xs, bncy_shape sh, const CT *mask,
-                                int64_t p0, int64_t p1, int64_t c0, int64_t nc, double *gw,
-                                double *gmean, double *gm2) {
-    if (mask) {
-        if (xs.chan == 1)
-            FN(rows_stats_impl)(x, xs, sh, mask, p0, p1, c0, nc, gw, gmean, gm2, 1, 1);
-        else
-            FN(rows_stats_impl)(x, xs, sh, mask, p0, p1, c0, nc, gw, gmean, gm2, 1, 0);
-    } else {
-        if (xs.chan == 1)
-            FN(rows_stats_impl)(x, xs, sh, NULL, p0, p1, c0, nc, gw, gmean, gm2, 0, 1);
-        else
-            FN(rows_stats_impl)(x, xs, sh, NULL, p0, p1, c0, nc, gw, gmean, gm2, 0, 0);
-    }
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -325,7 +321,7 @@ BNCY_INLINE void FN(rows_normalize_impl)(const T *x, bncy_strides xs, T *y, bncy
     for (p = p0; p < p1; p++) {
         const T *xr = x + qx.off;
         T *yr = y + qy.off;
-        for (c = 0; c < sh.chan; c++) {
+        BNCY_IVDEP for (c = 0; c < sh.chan; c++) {
             const CT v = LOAD(xr + c * sxc);
             STORE(yr + c * syc, ((v - hi[c]) - lo[c]) * a[c] + b[c]);
         }
@@ -337,7 +333,7 @@ BNCY_INLINE void FN(rows_normalize_impl)(const T *x, bncy_strides xs, T *y, bncy
 BNCY_INLINE void FN(plane_normalize_impl)(const T *xp, int64_t sxi, T *yp, int64_t syi,
                                           int64_t n, CT hi, CT lo, CT a, CT b) {
     int64_t i;
-    for (i = 0; i < n; i++) {
+    BNCY_IVDEP for (i = 0; i < n; i++) {
         const CT v = LOAD(xp + i * sxi);
         STORE(yp + i * syi, ((v - hi) - lo) * a + b);
     }
@@ -467,7 +463,7 @@ BNCY_INLINE void FN(rows_grad_sums_impl)(const T *dy, bncy_strides dys, const T 
     for (p = p0; p < p1; p++) {
         const T *BNCY_RESTRICT xr = x + qx.off + c0 * sxc;
         const T *BNCY_RESTRICT dr = dy + qd.off + c0 * sdc;
-        for (c = 0; c < nc; c++) {
+        BNCY_IVDEP for (c = 0; c < nc; c++) {
             const double g = (double)LOAD(dr + c * sdc);
             sdy[c] += g;
             sdyx[c] += g * ((double)LOAD(xr + c * sxc) - m[c]);
@@ -587,7 +583,7 @@ BNCY_INLINE void FN(rows_dx_impl)(const T *dy, bncy_strides dys, const T *x, bnc
         const T *xr = x + qx.off, *dr = dy + qd.off;
         T *orow = dx + qo.off;
         const CT w = has_mask ? mask[p] : (CT)1;
-        for (c = 0; c < sh.chan; c++) {
+        BNCY_IVDEP for (c = 0; c < sh.chan; c++) {
             const CT g = LOAD(dr + c * dys.chan);
             const CT v = training ? LOAD(xr + c * xs.chan) : (CT)0;
             STORE(orow + c * dxs.chan, FN(dx_value)(g, v, w, c, k, training, has_mask));
@@ -603,7 +599,7 @@ BNCY_INLINE void FN(plane_dx_impl)(const T *dp, int64_t sdi, const T *xp, int64_
                                    FN(bncy_grad_consts) k, const int training,
                                    const int has_mask) {
     int64_t i;
-    for (i = 0; i < n; i++) {
+    BNCY_IVDEP for (i = 0; i < n; i++) {
         const CT g = LOAD(dp + i * sdi);
         const CT v = training ? LOAD(xp + i * sxi) : (CT)0;
         const CT w = has_mask ? wp[i] : (CT)1;
