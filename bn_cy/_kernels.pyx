@@ -99,7 +99,7 @@ cdef bint _fast(bncy_shape sh, bncy_strides st):
     if sh.chan <= 1 or sh.outer * sh.inner <= 1:
         return True
     if sh.inner > 1:
-        return st.inner == 1
+        return st.inner == 1 or st.inner == 0  # zero stride: a broadcast run, reduced in O(1)
     return st.chan == 1
 
 

@@ -77,7 +77,7 @@ static inline int64_t bncy_abs64(int64_t a) { return a < 0 ? -a : a; }
 static inline int bncy_choose_family(bncy_shape sh, bncy_strides xs) {
     if (sh.inner <= 1) return BNCY_ROWS;
     if (sh.chan <= 1) return BNCY_PLANES;
-    if (xs.inner == 1) return BNCY_PLANES;
+    if (xs.inner == 1 || xs.inner == 0) return BNCY_PLANES; /* 0: a broadcast run */
     if (xs.chan == 1) return BNCY_ROWS;
     return bncy_abs64(xs.inner) <= bncy_abs64(xs.chan) ? BNCY_PLANES : BNCY_ROWS;
 }

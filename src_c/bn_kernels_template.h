@@ -143,6 +143,15 @@ BNCY_INLINE void FN(plane_tile)(const T *BNCY_RESTRICT seg, int64_t si,
     double wt, mt, s1, s2, m2;
     const int64_t nv = n - n % BNCY_LANES;
     int64_t k, l;
+    if (si == 0 && !has_mask) {
+        /* a broadcast (zero-stride) run holds one value n times: its mean is that value and
+           its deviations are 0 (NaN for Inf/NaN, as the general path gives) */
+        const double v = (double)LOAD(seg);
+        *wt_out = (double)n;
+        *mean_out = v;
+        *m2_out = v - v;
+        return;
+    }
     for (k = 0; k < nv; k += BNCY_LANES) {
         for (l = 0; l < BNCY_LANES; l++) {
             const double v = (double)LOAD(seg + (k + l) * si);
