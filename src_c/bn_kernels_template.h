@@ -53,32 +53,66 @@ BNCY_INLINE void FN(pos_next)(FN(bncy_pos) *q, bncy_shape sh, bncy_strides s) {
  * Statistics, rows family: a unit is (group of positions, block of channels); the inner loop runs
  * across channels, so the compiler vectorizes across channels with no reassociation.
  * ------------------------------------------------------------------------------------------- */
-/* One row of channels: s += w*x (pass 1) and s1 += w*d, s2 += w*d*d with d = x - mt (pass 2).
-   Kept out of line: inlined into the position loop, gcc may interchange the two loops and
-   read the data column-wise. With w = 1 the products are exact, so unmasked data pay nothing. */
-static BNCY_NOINLINE void FN(row_sum)(double *BNCY_RESTRICT s, const T *BNCY_RESTRICT row,
-                                      int64_t nc, int64_t sc, double w) {
-    int64_t c;
-    if (sc == 1) {
-        BNCY_IVDEP for (c = 0; c < nc; c++) s[c] += w * (double)LOAD(row + c);
-    } else {
-        for (c = 0; c < nc; c++) s[c] += w * (double)LOAD(row + c * sc);
+/* Two-pass statistics of one tile: channels run innermost (vectorized across channels), rows
+   four at a time so each accumulator is loaded and stored once per four rows. The tile is small
+   enough to stay in L1/L2, so the second pass does not touch memory. Rows are given by their
+   offsets (and weights, with a mask). */
+static BNCY_NOINLINE void FN(rows_tile_sum)(CT *BNCY_RESTRICT s, const T *BNCY_RESTRICT xc,
+                                            int64_t sc, const int64_t *BNCY_RESTRICT offs,
+                                            const double *BNCY_RESTRICT wr, int64_t nr,
+                                            int64_t nc) {
+    int64_t r = 0, c;
+    for (c = 0; c < nc; c++) s[c] = 0;
+    if (!wr && sc == 1) {
+        for (; r + 4 <= nr; r += 4) {
+            const T *BNCY_RESTRICT x0 = xc + offs[r], *BNCY_RESTRICT x1 = xc + offs[r + 1];
+            const T *BNCY_RESTRICT x2 = xc + offs[r + 2], *BNCY_RESTRICT x3 = xc + offs[r + 3];
+            BNCY_IVDEP for (c = 0; c < nc; c++)
+                s[c] += (LOAD(x0 + c) + LOAD(x1 + c)) + (LOAD(x2 + c) + LOAD(x3 + c));
+        }
+    }
+    for (; r < nr; r++) {
+        const T *BNCY_RESTRICT x0 = xc + offs[r];
+        const CT w = wr ? (CT)wr[r] : (CT)1;
+        for (c = 0; c < nc; c++) s[c] += w * LOAD(x0 + c * sc);
     }
 }
 
-static BNCY_NOINLINE void FN(row_dev)(double *BNCY_RESTRICT s1, double *BNCY_RESTRICT s2,
-                                      const T *BNCY_RESTRICT row, const double *BNCY_RESTRICT mt,
-                                      int64_t nc, int64_t sc, double w) {
-    int64_t c;
-    if (sc == 1) {
-        BNCY_IVDEP for (c = 0; c < nc; c++) {
-            const double d = (double)LOAD(row + c) - mt[c];
-            s1[c] += w * d;
-            s2[c] += (w * d) * d;
+/* Exact (double) weighted mean of one channel of a tile: the fallback of the shift when the
+   compute-type sum overflowed. */
+static double FN(rows_tile_mean_exact)(const T *xc, const int64_t *offs, const double *wr,
+                                       int64_t nr, double wt) {
+    double s = 0.0;
+    int64_t r;
+    for (r = 0; r < nr; r++) s += (wr ? wr[r] : 1.0) * (double)LOAD(xc + offs[r]);
+    return s / wt;
+}
+
+static BNCY_NOINLINE void FN(rows_tile_dev)(double *BNCY_RESTRICT s1, double *BNCY_RESTRICT s2,
+                                            const double *BNCY_RESTRICT mt,
+                                            const T *BNCY_RESTRICT xc, int64_t sc,
+                                            const int64_t *BNCY_RESTRICT offs,
+                                            const double *BNCY_RESTRICT wr, int64_t nr,
+                                            int64_t nc) {
+    int64_t r = 0, c;
+    for (c = 0; c < nc; c++) s1[c] = s2[c] = 0.0;
+    if (!wr && sc == 1) {
+        for (; r + 4 <= nr; r += 4) {
+            const T *BNCY_RESTRICT x0 = xc + offs[r], *BNCY_RESTRICT x1 = xc + offs[r + 1];
+            const T *BNCY_RESTRICT x2 = xc + offs[r + 2], *BNCY_RESTRICT x3 = xc + offs[r + 3];
+            BNCY_IVDEP for (c = 0; c < nc; c++) {
+                const double d0 = (double)LOAD(x0 + c) - mt[c], d1 = (double)LOAD(x1 + c) - mt[c];
+                const double d2 = (double)LOAD(x2 + c) - mt[c], d3 = (double)LOAD(x3 + c) - mt[c];
+                s1[c] += (d0 + d1) + (d2 + d3);
+                s2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+            }
         }
-    } else {
+    }
+    for (; r < nr; r++) {
+        const T *BNCY_RESTRICT x0 = xc + offs[r];
+        const double w = wr ? wr[r] : 1.0;
         for (c = 0; c < nc; c++) {
-            const double d = (double)LOAD(row + c * sc) - mt[c];
+            const double d = (double)LOAD(x0 + c * sc) - mt[c];
             s1[c] += w * d;
             s2[c] += (w * d) * d;
         }
@@ -88,31 +122,41 @@ static BNCY_NOINLINE void FN(row_dev)(double *BNCY_RESTRICT s1, double *BNCY_RES
 static void FN(rows_stats_unit)(const T *x, bncy_strides xs, bncy_shape sh, const CT *mask,
                                 int64_t p0, int64_t p1, int64_t c0, int64_t nc, double *gw,
                                 double *gmean, double *gm2) {
-    double s[BNCY_CBLOCK_MAX], s1[BNCY_CBLOCK_MAX], s2[BNCY_CBLOCK_MAX], mt[BNCY_CBLOCK_MAX];
-    const int64_t sc = xs.chan;
+    int64_t offs[BNCY_ROWS_TILE];
+    double wr[BNCY_ROWS_TILE], mt[BNCY_CBLOCK_MAX];
+    CT s[BNCY_CBLOCK_MAX];
+    double s1[BNCY_CBLOCK_MAX], s2[BNCY_CBLOCK_MAX];
     const int64_t tile_rows = bncy_max64(1, BNCY_ROWS_TILE / nc);
+    const T *xc = x + c0 * xs.chan;
     double wgroup = 0.0;
     int64_t t0, c, p;
     for (c = 0; c < nc; c++) gmean[c] = gm2[c] = 0.0;
     for (t0 = p0; t0 < p1; t0 += tile_rows) {
         const int64_t t1 = bncy_min64(p1, t0 + tile_rows);
-        double wt = 0.0;
         FN(bncy_pos) q = FN(pos_at)(t0, sh, xs);
-        for (c = 0; c < nc; c++) s[c] = s1[c] = s2[c] = 0.0;
+        double wt = 0.0;
+        int64_t nr = 0;
+        /* the tile's rows; masked-out rows are left out (not even a NaN there counts) */
         for (p = t0; p < t1; p++, FN(pos_next)(&q, sh, xs)) {
-            const double w = mask ? (double)mask[p] : 1.0;
-            if (w == 0.0) continue; /* masked out: not even a NaN there counts */
-            wt += w;
-            FN(row_sum)(s, x + q.off + c0 * sc, nc, sc, w);
+            if (mask) {
+                const double w = (double)mask[p];
+                if (w == 0.0) continue;
+                wr[nr] = w;
+                wt += w;
+            }
+            offs[nr++] = q.off;
         }
-        if (wt == 0.0) continue;
-        for (c = 0; c < nc; c++) mt[c] = s[c] / wt;
-        q = FN(pos_at)(t0, sh, xs);
-        for (p = t0; p < t1; p++, FN(pos_next)(&q, sh, xs)) {
-            const double w = mask ? (double)mask[p] : 1.0;
-            if (w == 0.0) continue;
-            FN(row_dev)(s1, s2, x + q.off + c0 * sc, mt, nc, sc, w);
+        if (!mask) wt = (double)nr;
+        if (nr == 0 || wt == 0.0) continue;
+        /* Pass 1 only picks a shift near the tile mean, so it runs in the compute type; pass 2
+           is in double and its sum of deviations corrects the shift exactly. */
+        FN(rows_tile_sum)(s, xc, xs.chan, offs, mask ? wr : NULL, nr, nc);
+        for (c = 0; c < nc; c++) {
+            mt[c] = (double)s[c] / wt;
+            if (!isfinite(mt[c])) /* overflow of the CT sum, or Inf/NaN data */
+                mt[c] = FN(rows_tile_mean_exact)(xc + c * xs.chan, offs, mask ? wr : NULL, nr, wt);
         }
+        FN(rows_tile_dev)(s1, s2, mt, xc, xs.chan, offs, mask ? wr : NULL, nr, nc);
         for (c = 0; c < nc; c++) {
             /* the tile's exact mean is mt + s1/wt; s1 removes the rounding of mt */
             const double tmean = mt[c] + s1[c] / wt;
