@@ -110,6 +110,36 @@ static inline bncy_plan bncy_make_plan(bncy_shape sh, bncy_strides xs) {
     return p;
 }
 
+/* for (u = 0; u < n; u++) body -- split over nt OpenMP threads (static schedule), or a plain
+   loop with no parallel region at all when nt == 1 (a region of one thread still costs). */
+#if defined(_OPENMP) && defined(_MSC_VER)
+#define BNCY_PARALLEL_FOR(nt, u, n, ...)                                \
+    do {                                                                \
+        if ((nt) > 1) {                                                 \
+            __pragma(omp parallel for schedule(static) num_threads(nt)) \
+            for (u = 0; u < (n); u++) __VA_ARGS__                       \
+        } else {                                                        \
+            for (u = 0; u < (n); u++) __VA_ARGS__                       \
+        }                                                               \
+    } while (0)
+#elif defined(_OPENMP)
+#define BNCY_PARALLEL_FOR(nt, u, n, ...)                                \
+    do {                                                                \
+        if ((nt) > 1) {                                                 \
+            _Pragma("omp parallel for schedule(static) num_threads(nt)") \
+            for (u = 0; u < (n); u++) __VA_ARGS__                       \
+        } else {                                                        \
+            for (u = 0; u < (n); u++) __VA_ARGS__                       \
+        }                                                               \
+    } while (0)
+#else
+#define BNCY_PARALLEL_FOR(nt, u, n, ...)      \
+    do {                                      \
+        (void)(nt);                           \
+        for (u = 0; u < (n); u++) __VA_ARGS__ \
+    } while (0)
+#endif
+
 static inline int bncy_threads_for(int64_t elements, int n_threads) {
     if (n_threads < 1 || elements < BNCY_PARALLEL_MIN) return 1;
     return n_threads;

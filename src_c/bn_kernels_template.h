@@ -311,11 +311,7 @@ int FN(bncy_moments)(const T *x, bncy_strides xs, bncy_shape sh, const CT *mask,
     part = (double *)malloc((size_t)(3 * G * C) * sizeof(double)); /* [w | mean | m2], g-major */
     if (!part) return BNCY_ERR_NOMEM;
     nt = bncy_threads_for(plan.M * C, n_threads);
-    (void)nt;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-#endif
-    for (u = 0; u < plan.n_units; u++) {
+    BNCY_PARALLEL_FOR(nt, u, plan.n_units, {
         const int64_t g = u % G, blk = u / G;
         const int64_t p0 = g * plan.group_len, p1 = bncy_min64(plan.M, p0 + plan.group_len);
         double *pw = part, *pm = part + G * C, *pm2 = part + 2 * G * C;
@@ -329,7 +325,7 @@ int FN(bncy_moments)(const T *x, bncy_strides xs, bncy_shape sh, const CT *mask,
             FN(planes_stats_unit)(x, xs, sh, mask, p0, p1, blk, pw + g * C + blk,
                                   pm + g * C + blk, pm2 + g * C + blk);
         }
-    }
+    });
     for (c = 0; c < C; c++) {
         double w = 0.0, m = 0.0, m2 = 0.0;
         int64_t g;
@@ -398,7 +394,6 @@ static int FN(normalize_consts)(const T *x, bncy_strides xs, T *y, bncy_strides 
     const int family = bncy_choose_family(sh, xs);
     const int nt = bncy_threads_for(M * C, n_threads);
     int64_t u;
-    (void)nt;
     if (M == 0 || C == 0) return BNCY_OK;
     if (family == BNCY_ROWS) {
         const int64_t rows = bncy_max64(1, BNCY_ELEM_BLOCK / C), n_units = bncy_cdiv(M, rows);
@@ -412,10 +407,7 @@ static int FN(normalize_consts)(const T *x, bncy_strides xs, T *y, bncy_strides 
             arr[2 * C + c] = k[c].a;
             arr[3 * C + c] = k[c].b;
         }
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-#endif
-        for (u = 0; u < n_units; u++) {
+        BNCY_PARALLEL_FOR(nt, u, n_units, {
             const int64_t p0 = u * rows, p1 = bncy_min64(M, p0 + rows);
             if (unit)
                 FN(rows_normalize_impl)(x, xs, y, ys, sh, arr, arr + C, arr + 2 * C, arr + 3 * C,
@@ -423,17 +415,14 @@ static int FN(normalize_consts)(const T *x, bncy_strides xs, T *y, bncy_strides 
             else
                 FN(rows_normalize_impl)(x, xs, y, ys, sh, arr, arr + C, arr + 2 * C, arr + 3 * C,
                                         p0, p1, 0);
-        }
+        });
         free(arr);
     } else {
         /* units: (o, c, block of the inner dim) */
         const int64_t blk = BNCY_ELEM_BLOCK, nb = bncy_cdiv(sh.inner, blk);
         const int64_t n_units = sh.outer * C * nb;
         const int unit = xs.inner == 1 && ys.inner == 1;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-#endif
-        for (u = 0; u < n_units; u++) {
+        BNCY_PARALLEL_FOR(nt, u, n_units, {
             const int64_t b = u % nb, oc = u / nb, c = oc % C, o = oc / C;
             const int64_t i0 = b * blk, n = bncy_min64(blk, sh.inner - i0);
             const T *xp = x + o * xs.outer + c * xs.chan + i0 * xs.inner;
@@ -443,7 +432,7 @@ static int FN(normalize_consts)(const T *x, bncy_strides xs, T *y, bncy_strides 
             else
                 FN(plane_normalize_impl)(xp, xs.inner, yp, ys.inner, n, k[c].hi, k[c].lo, k[c].a,
                                          k[c].b);
-        }
+        });
     }
     return BNCY_OK;
 }
@@ -574,11 +563,7 @@ static int FN(grad_sums)(const T *dy, bncy_strides dys, const T *x, bncy_strides
     part = (double *)malloc((size_t)(2 * G * C) * sizeof(double));
     if (!part) return BNCY_ERR_NOMEM;
     nt = bncy_threads_for(plan.M * C, n_threads);
-    (void)nt;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-#endif
-    for (u = 0; u < plan.n_units; u++) {
+    BNCY_PARALLEL_FOR(nt, u, plan.n_units, {
         const int64_t g = u % G, blk = u / G;
         const int64_t p0 = g * plan.group_len, p1 = bncy_min64(plan.M, p0 + plan.group_len);
         if (plan.family == BNCY_ROWS) {
@@ -596,7 +581,7 @@ static int FN(grad_sums)(const T *dy, bncy_strides dys, const T *x, bncy_strides
             FN(planes_grad_sums_impl)(dy, dys, x, xs, sh, mean[blk], p0, p1, blk,
                                       part + g * C + blk, part + (G + g) * C + blk, 0);
         }
-    }
+    });
     for (c = 0; c < C; c++) {
         double a = 0.0, b = 0.0;
         int64_t g;
@@ -668,13 +653,9 @@ static void FN(dx_pass)(const T *dy, bncy_strides dys, const T *x, bncy_strides 
     const int nt = bncy_threads_for(M * C, n_threads);
     const int has_mask = mask != NULL;
     int64_t u;
-    (void)nt;
     if (family == BNCY_ROWS) {
         const int64_t rows = bncy_max64(1, BNCY_ELEM_BLOCK / C), n_units = bncy_cdiv(M, rows);
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-#endif
-        for (u = 0; u < n_units; u++) {
+        BNCY_PARALLEL_FOR(nt, u, n_units, {
             const int64_t p0 = u * rows, p1 = bncy_min64(M, p0 + rows);
             if (!training)
                 FN(rows_dx_impl)(dy, dys, x, xs, dx, dxs, sh, NULL, k, p0, p1, 0, 0);
@@ -682,15 +663,12 @@ static void FN(dx_pass)(const T *dy, bncy_strides dys, const T *x, bncy_strides 
                 FN(rows_dx_impl)(dy, dys, x, xs, dx, dxs, sh, mask, k, p0, p1, 1, 1);
             else
                 FN(rows_dx_impl)(dy, dys, x, xs, dx, dxs, sh, NULL, k, p0, p1, 1, 0);
-        }
+        });
     } else {
         const int64_t blk = BNCY_ELEM_BLOCK, nb = bncy_cdiv(sh.inner, blk);
         const int64_t n_units = sh.outer * C * nb;
         const int unit = xs.inner == 1 && dys.inner == 1 && dxs.inner == 1;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-#endif
-        for (u = 0; u < n_units; u++) {
+        BNCY_PARALLEL_FOR(nt, u, n_units, {
             const int64_t b = u % nb, oc = u / nb, c = oc % C, o = oc / C;
             const int64_t i0 = b * blk, n = bncy_min64(blk, sh.inner - i0);
             const T *dp = dy + o * dys.outer + c * dys.chan + i0 * dys.inner;
@@ -706,7 +684,7 @@ static void FN(dx_pass)(const T *dy, bncy_strides dys, const T *x, bncy_strides 
             else
                 FN(plane_dx_impl)(dp, dys.inner, xp, xs.inner, op, dxs.inner, wp, n, c, k, 1,
                                   has_mask);
-        }
+        });
     }
 }
 
