@@ -83,6 +83,17 @@ cdef bint _view(cnp.ndarray a, int axis, bint rev, bncy_shape *sh, bncy_strides 
     cdef cnp.npy_intp *shape = cnp.PyArray_DIMS(a)
     cdef cnp.npy_intp *strides = cnp.PyArray_STRIDES(a)
     cdef cnp.npy_intp isz = cnp.PyArray_ITEMSIZE(a)
+    cdef int d
+    if cnp.PyArray_SIZE(a) == 0:  # nothing is read or written: any strides will do
+        sh.chan = shape[axis]
+        sh.outer = sh.inner = 1
+        for d in range(nd):
+            if d < axis:
+                sh.outer *= shape[d]
+            elif d > axis:
+                sh.inner *= shape[d]
+        st.outer = st.chan = st.inner = 0
+        return True
     if not cnp.PyArray_ISALIGNED(a) or strides[axis] % isz != 0:
         return False
     sh.chan = shape[axis]

@@ -132,9 +132,10 @@ def _as_data(x, name):
     if not isinstance(x, np.ndarray):
         x = np.asarray(x)
     dt = x.dtype
+    if not dt.isnative and dt.kind == "f":
+        dt = dt.newbyteorder("=")
+        x = x.astype(dt)  # byte-swapped data: one converted copy
     if dt in _KERNEL_TYPES or _is_bfloat16(dt):
-        if not dt.isnative:
-            x = x.astype(dt.newbyteorder("="))
         return x
     if dt.kind in "biu":
         return x.astype(np.float32)
@@ -210,13 +211,20 @@ def _mask_weights(mask, x, axis, cdtype):
         )
     if m.dtype.kind not in "biuf" and not _is_bfloat16(m.dtype):
         raise TypeError("mask must be a bool or real numeric array, got dtype %s" % m.dtype)
-    w = m.astype(cdtype)  # always a new array: the caller's mask is never touched
-    if w.dtype.kind == "f" and m.dtype.kind != "b":
-        if not np.all(np.isfinite(w)):
-            raise ValueError("mask weights must be finite")
-        if np.any(w < 0):
-            raise ValueError("mask weights must be >= 0")
-    return w
+    if m.dtype.kind in "bu":
+        return m.astype(cdtype)  # always a new array: the caller's mask is never touched
+    w = m.astype(np.float64)
+    if not np.all(np.isfinite(w)):
+        raise ValueError("mask weights must be finite")
+    if np.any(w < 0):
+        raise ValueError("mask weights must be >= 0")
+    if w.size:
+        # Weights only matter relative to each other: scale them by a power of two (exact) so
+        # the largest is in [0.5, 1) and none overflows or needlessly underflows in float32.
+        top = w.max()
+        if top > 0:
+            w = np.ldexp(w, -int(np.frexp(top)[1]))
+    return w.astype(cdtype, copy=False)
 
 
 def _check_out(out, shape, dtype):

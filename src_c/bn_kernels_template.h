@@ -155,6 +155,7 @@ static void FN(rows_stats_unit)(const T *x, bncy_strides xs, bncy_shape sh, cons
             mt[c] = (double)s[c] / wt;
             if (!isfinite(mt[c])) /* overflow of the CT sum, or Inf/NaN data */
                 mt[c] = FN(rows_tile_mean_exact)(xc + c * xs.chan, offs, mask ? wr : NULL, nr, wt);
+            mt[c] = (double)(CT)mt[c]; /* see plane_tile: exact sums for a constant channel */
         }
         FN(rows_tile_dev)(s1, s2, mt, xc, xs.chan, offs, mask ? wr : NULL, nr, nc);
         for (c = 0; c < nc; c++) {
@@ -224,7 +225,9 @@ BNCY_INLINE void FN(plane_tile)(const T *BNCY_RESTRICT seg, int64_t si,
         *mean_out = *m2_out = 0.0;
         return;
     }
-    mt = FN(lanes_total)(a) / wt;
+    /* The shift is rounded to the compute type: then x - mt is a small multiple of x's ulp for
+       a constant channel, every sum below is exact, and its variance is exactly 0. */
+    mt = (double)(CT)(FN(lanes_total)(a) / wt);
     for (k = 0; k < nv; k += BNCY_LANES) {
         for (l = 0; l < BNCY_LANES; l++) {
             const double d = (double)LOAD(seg + (k + l) * si) - mt;
