@@ -43,6 +43,16 @@
 #define BNCY_IVDEP
 #endif
 
+/* Keeps the next (short, fixed-count) lane loop rolled, so the loop vectorizer turns it into
+   vector operations instead of the loop being unrolled into scalars first. */
+#if defined(__clang__)
+#define BNCY_LANE_LOOP _Pragma("clang loop unroll(disable) vectorize(enable)")
+#elif defined(__GNUC__)
+#define BNCY_LANE_LOOP _Pragma("GCC unroll 1")
+#else
+#define BNCY_LANE_LOOP
+#endif
+
 /* ---- work plan -------------------------------------------------------------------------- */
 
 /* Families of kernels, chosen from the strides of the main input. */
@@ -50,7 +60,7 @@
 #define BNCY_PLANES 1 /* loop over channels, inner loop along the contiguous inner dim */
 
 #define BNCY_CBLOCK_MAX 512     /* channels handled together by one rows unit */
-#define BNCY_ROWS_TILE 4096     /* elements in one cache-resident two-pass tile (rows) */
+#define BNCY_ROWS_TILE 16384    /* elements in one L2-resident two-pass tile (rows) */
 #define BNCY_PLANES_TILE 2048   /* positions in one two-pass tile (planes) */
 #define BNCY_GROUP_ELEMS 32768  /* fewer elements per group than this are not split further */
 #define BNCY_TARGET_UNITS 64    /* aim for this many independent units when the work allows */
@@ -99,12 +109,11 @@ static inline bncy_plan bncy_make_plan(bncy_shape sh, bncy_strides xs) {
         p.n_groups = bncy_max64(1, bncy_min64(bncy_min64(by_work, by_units), cap));
         p.n_units = p.n_groups * p.n_cblocks;
     } else {
-        p.cblock = 1;
-        p.n_cblocks = sh.chan;
-        by_units = bncy_cdiv(BNCY_TARGET_UNITS, bncy_max64(1, sh.chan));
-        cap = bncy_max64(1, p.M / 4096);
-        p.n_groups = bncy_max64(1, bncy_min64(bncy_min64(by_work, by_units), cap));
-        p.n_units = p.n_groups * sh.chan;
+        /* a planes unit is a group of positions for every channel */
+        p.cblock = sh.chan;
+        p.n_cblocks = 1;
+        p.n_groups = bncy_max64(1, bncy_min64(bncy_min64(by_work, BNCY_TARGET_UNITS), p.M));
+        p.n_units = p.n_groups;
     }
     p.group_len = bncy_max64(1, bncy_cdiv(p.M, p.n_groups));
     return p;

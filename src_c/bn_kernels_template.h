@@ -53,33 +53,34 @@ BNCY_INLINE void FN(pos_next)(FN(bncy_pos) *q, bncy_shape sh, bncy_strides s) {
  * Statistics, rows family: a unit is (group of positions, block of channels); the inner loop runs
  * across channels, so the compiler vectorizes across channels with no reassociation.
  * ------------------------------------------------------------------------------------------- */
-/* Two-pass statistics of one tile: channels run innermost (vectorized across channels), rows
-   four at a time so each accumulator is loaded and stored once per four rows. The tile is small
-   enough to stay in L1/L2, so the second pass does not touch memory. Rows are given by their
-   offsets (and weights, with a mask). */
-static BNCY_NOINLINE void FN(rows_tile_sum)(CT *BNCY_RESTRICT s, const T *BNCY_RESTRICT xc,
+/* Two-pass statistics of one tile. Channels run innermost (vectorized across channels); rows
+   go four at a time, combined in the compute type (a sum of four, correct to ~2 ulps) and then
+   added into double accumulators, so the arithmetic is mostly single precision while the
+   accumulation is double. The tile is small enough to stay in L1/L2: the second pass does not
+   touch memory. Rows are given by their offsets (and weights, with a mask). */
+static BNCY_NOINLINE void FN(rows_tile_sum)(double *BNCY_RESTRICT s, const T *BNCY_RESTRICT xc,
                                             int64_t sc, const int64_t *BNCY_RESTRICT offs,
                                             const double *BNCY_RESTRICT wr, int64_t nr,
                                             int64_t nc) {
     int64_t r = 0, c;
-    for (c = 0; c < nc; c++) s[c] = 0;
+    for (c = 0; c < nc; c++) s[c] = 0.0;
     if (!wr && sc == 1) {
         for (; r + 4 <= nr; r += 4) {
             const T *BNCY_RESTRICT x0 = xc + offs[r], *BNCY_RESTRICT x1 = xc + offs[r + 1];
             const T *BNCY_RESTRICT x2 = xc + offs[r + 2], *BNCY_RESTRICT x3 = xc + offs[r + 3];
             BNCY_IVDEP for (c = 0; c < nc; c++)
-                s[c] += (LOAD(x0 + c) + LOAD(x1 + c)) + (LOAD(x2 + c) + LOAD(x3 + c));
+                s[c] += (double)((LOAD(x0 + c) + LOAD(x1 + c)) + (LOAD(x2 + c) + LOAD(x3 + c)));
         }
     }
     for (; r < nr; r++) {
         const T *BNCY_RESTRICT x0 = xc + offs[r];
-        const CT w = wr ? (CT)wr[r] : (CT)1;
-        for (c = 0; c < nc; c++) s[c] += w * LOAD(x0 + c * sc);
+        const double w = wr ? wr[r] : 1.0;
+        for (c = 0; c < nc; c++) s[c] += w * (double)LOAD(x0 + c * sc);
     }
 }
 
 /* Exact (double) weighted mean of one channel of a tile: the fallback of the shift when the
-   compute-type sum overflowed. */
+   compute-type sums overflowed. */
 static double FN(rows_tile_mean_exact)(const T *xc, const int64_t *offs, const double *wr,
                                        int64_t nr, double wt) {
     double s = 0.0;
@@ -89,7 +90,7 @@ static double FN(rows_tile_mean_exact)(const T *xc, const int64_t *offs, const d
 }
 
 static BNCY_NOINLINE void FN(rows_tile_dev)(double *BNCY_RESTRICT s1, double *BNCY_RESTRICT s2,
-                                            const double *BNCY_RESTRICT mt,
+                                            const CT *BNCY_RESTRICT mt,
                                             const T *BNCY_RESTRICT xc, int64_t sc,
                                             const int64_t *BNCY_RESTRICT offs,
                                             const double *BNCY_RESTRICT wr, int64_t nr,
@@ -101,10 +102,10 @@ static BNCY_NOINLINE void FN(rows_tile_dev)(double *BNCY_RESTRICT s1, double *BN
             const T *BNCY_RESTRICT x0 = xc + offs[r], *BNCY_RESTRICT x1 = xc + offs[r + 1];
             const T *BNCY_RESTRICT x2 = xc + offs[r + 2], *BNCY_RESTRICT x3 = xc + offs[r + 3];
             BNCY_IVDEP for (c = 0; c < nc; c++) {
-                const double d0 = (double)LOAD(x0 + c) - mt[c], d1 = (double)LOAD(x1 + c) - mt[c];
-                const double d2 = (double)LOAD(x2 + c) - mt[c], d3 = (double)LOAD(x3 + c) - mt[c];
-                s1[c] += (d0 + d1) + (d2 + d3);
-                s2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+                const CT d0 = LOAD(x0 + c) - mt[c], d1 = LOAD(x1 + c) - mt[c];
+                const CT d2 = LOAD(x2 + c) - mt[c], d3 = LOAD(x3 + c) - mt[c];
+                s1[c] += (double)((d0 + d1) + (d2 + d3));
+                s2[c] += (double)((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3));
             }
         }
     }
@@ -112,9 +113,37 @@ static BNCY_NOINLINE void FN(rows_tile_dev)(double *BNCY_RESTRICT s1, double *BN
         const T *BNCY_RESTRICT x0 = xc + offs[r];
         const double w = wr ? wr[r] : 1.0;
         for (c = 0; c < nc; c++) {
-            const double d = (double)LOAD(x0 + c * sc) - mt[c];
+            const double d = (double)(LOAD(x0 + c * sc) - mt[c]);
             s1[c] += w * d;
             s2[c] += (w * d) * d;
+        }
+    }
+}
+
+/* Chan-merge a tile's partials (weight wt, shift mt, centered sums s1, s2) into the group's
+   running (gmean, gm2) of weight wgroup. The weights are the same for every channel, so the merge
+   factors are scalars and the loop vectorizes across channels. */
+static BNCY_NOINLINE void FN(rows_merge_tile)(double *BNCY_RESTRICT gmean,
+                                              double *BNCY_RESTRICT gm2, double wgroup,
+                                              const double *BNCY_RESTRICT s1,
+                                              const double *BNCY_RESTRICT s2,
+                                              const CT *BNCY_RESTRICT mt, double wt, int64_t nc) {
+    const double f = wt / (wgroup + wt), h = wgroup * f;
+    int64_t c;
+    BNCY_IVDEP for (c = 0; c < nc; c++) {
+        /* the tile's exact mean is mt + s1/wt (s1 removes the rounding of the shift) */
+        const double u = s1[c] / wt;
+        const double tmean = (double)mt[c] + u;
+        double tm2 = s2[c] - s1[c] * u;
+        double delta;
+        tm2 = tm2 < 0.0 ? 0.0 : tm2; /* rounding only; NaN is kept */
+        if (wgroup == 0.0) {
+            gmean[c] = tmean;
+            gm2[c] = tm2;
+        } else {
+            delta = tmean - gmean[c];
+            gmean[c] += delta * f;
+            gm2[c] += tm2 + delta * delta * h;
         }
     }
 }
@@ -123,8 +152,8 @@ static void FN(rows_stats_unit)(const T *x, bncy_strides xs, bncy_shape sh, cons
                                 int64_t p0, int64_t p1, int64_t c0, int64_t nc, double *gw,
                                 double *gmean, double *gm2) {
     int64_t offs[BNCY_ROWS_TILE];
-    double wr[BNCY_ROWS_TILE], mt[BNCY_CBLOCK_MAX];
-    CT s[BNCY_CBLOCK_MAX];
+    double wr[BNCY_ROWS_TILE], s[BNCY_CBLOCK_MAX];
+    CT mt[BNCY_CBLOCK_MAX];
     double s1[BNCY_CBLOCK_MAX], s2[BNCY_CBLOCK_MAX];
     const int64_t tile_rows = bncy_max64(1, BNCY_ROWS_TILE / nc);
     const T *xc = x + c0 * xs.chan;
@@ -151,21 +180,17 @@ static void FN(rows_stats_unit)(const T *x, bncy_strides xs, bncy_shape sh, cons
         /* Pass 1 only picks a shift near the tile mean, so it runs in the compute type; pass 2
            is in double and its sum of deviations corrects the shift exactly. */
         FN(rows_tile_sum)(s, xc, xs.chan, offs, mask ? wr : NULL, nr, nc);
+        BNCY_IVDEP for (c = 0; c < nc; c++) {
+            s[c] /= wt;
+            mt[c] = (CT)s[c]; /* see plane_tile_plain: exact sums for a constant channel */
+        }
         for (c = 0; c < nc; c++) {
-            mt[c] = (double)s[c] / wt;
-            if (!isfinite(mt[c])) /* overflow of the CT sum, or Inf/NaN data */
-                mt[c] = FN(rows_tile_mean_exact)(xc + c * xs.chan, offs, mask ? wr : NULL, nr, wt);
-            mt[c] = (double)(CT)mt[c]; /* see plane_tile: exact sums for a constant channel */
+            if (!isfinite(s[c])) /* overflow of a compute-type partial sum, or Inf/NaN data */
+                mt[c] = (CT)FN(rows_tile_mean_exact)(xc + c * xs.chan, offs, mask ? wr : NULL,
+                                                     nr, wt);
         }
         FN(rows_tile_dev)(s1, s2, mt, xc, xs.chan, offs, mask ? wr : NULL, nr, nc);
-        for (c = 0; c < nc; c++) {
-            /* the tile's exact mean is mt + s1/wt; s1 removes the rounding of mt */
-            const double tmean = mt[c] + s1[c] / wt;
-            double tm2 = s2[c] - s1[c] * (s1[c] / wt);
-            double wa = wgroup;
-            if (tm2 < 0.0) tm2 = 0.0; /* rounding only; NaN is kept */
-            bncy_chan_merge(&wa, &gmean[c], &gm2[c], wt, tmean, tm2);
-        }
+        FN(rows_merge_tile)(gmean, gm2, wgroup, s1, s2, mt, wt, nc);
         wgroup += wt;
     }
     *gw = wgroup;
@@ -179,78 +204,79 @@ BNCY_INLINE double FN(lanes_total)(const double *a) {
     return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
 }
 
-/* Two-pass reduction of one tile of n elements at stride si (weights at stride 1). */
-BNCY_INLINE void FN(plane_tile)(const T *BNCY_RESTRICT seg, int64_t si,
-                                const CT *BNCY_RESTRICT wseg, int64_t n, double *wt_out,
-                                double *mean_out, double *m2_out, const int has_mask) {
+/* Two-pass reduction of one tile of n elements at stride si, without weights. BNCY_LANES
+   independent lanes along the plane; four vectors of lanes are combined in the compute type and
+   added into double lane accumulators (as in the rows kernels); lanes are summed in a fixed
+   order. The shift is rounded to the compute type: then x - mt is a small multiple of x's ulp for
+   a constant channel, every sum is exact, and its variance is exactly 0. */
+BNCY_INLINE void FN(plane_tile_plain)(const T *BNCY_RESTRICT seg, int64_t si, int64_t n,
+                                      double *mean_out, double *m2_out) {
+    double a[BNCY_LANES] = {0}, b1[BNCY_LANES] = {0}, b2[BNCY_LANES] = {0};
+    const int64_t q = 4 * BNCY_LANES, nq = n - n % q;
+    double m, s1, s2, m2;
+    CT mt;
+    int64_t k, l;
+    for (k = 0; k < nq; k += q) {
+        BNCY_LANE_LOOP for (l = 0; l < BNCY_LANES; l++) {
+            const T *p = seg + (k + l) * si;
+            a[l] += (double)((LOAD(p) + LOAD(p + BNCY_LANES * si)) +
+                             (LOAD(p + 2 * BNCY_LANES * si) + LOAD(p + 3 * BNCY_LANES * si)));
+        }
+    }
+    for (k = nq; k < n; k++) a[(k - nq) % BNCY_LANES] += (double)LOAD(seg + k * si);
+    m = FN(lanes_total)(a) / (double)n;
+    if (!isfinite(m)) { /* overflow of a compute-type partial sum, or Inf/NaN data */
+        double e[BNCY_LANES] = {0};
+        for (k = 0; k < n; k++) e[k % BNCY_LANES] += (double)LOAD(seg + k * si);
+        m = FN(lanes_total)(e) / (double)n;
+    }
+    mt = (CT)m;
+    for (k = 0; k < nq; k += q) {
+        BNCY_LANE_LOOP for (l = 0; l < BNCY_LANES; l++) {
+            const T *p = seg + (k + l) * si;
+            const CT d0 = LOAD(p) - mt, d1 = LOAD(p + BNCY_LANES * si) - mt;
+            const CT d2 = LOAD(p + 2 * BNCY_LANES * si) - mt, d3 = LOAD(p + 3 * BNCY_LANES * si) - mt;
+            b1[l] += (double)((d0 + d1) + (d2 + d3));
+            b2[l] += (double)((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3));
+        }
+    }
+    for (k = nq; k < n; k++) {
+        const double d = (double)(LOAD(seg + k * si) - mt);
+        b1[(k - nq) % BNCY_LANES] += d;
+        b2[(k - nq) % BNCY_LANES] += d * d;
+    }
+    s1 = FN(lanes_total)(b1);
+    s2 = FN(lanes_total)(b2);
+    m2 = s2 - s1 * (s1 / (double)n);
+    *mean_out = (double)mt + s1 / (double)n;
+    *m2_out = m2 < 0.0 ? 0.0 : m2;
+}
+
+/* The same with weights (all in double: masks are the slower, rarer path). */
+BNCY_INLINE void FN(plane_tile_weighted)(const T *BNCY_RESTRICT seg, int64_t si,
+                                         const CT *BNCY_RESTRICT wseg, int64_t n, double *wt_out,
+                                         double *mean_out, double *m2_out) {
     double a[BNCY_LANES] = {0}, wa[BNCY_LANES] = {0};
     double b1[BNCY_LANES] = {0}, b2[BNCY_LANES] = {0};
     double wt, mt, s1, s2, m2;
-    const int64_t nv = n - n % BNCY_LANES;
-    int64_t k, l;
-    if (si == 0 && !has_mask) {
-        /* a broadcast (zero-stride) run holds one value n times: its mean is that value and
-           its deviations are 0 (NaN for Inf/NaN, as the general path gives) */
-        const double v = (double)LOAD(seg);
-        *wt_out = (double)n;
-        *mean_out = v;
-        *m2_out = v - v;
-        return;
+    int64_t k;
+    for (k = 0; k < n; k++) {
+        const double w = (double)wseg[k];
+        a[k % BNCY_LANES] += w != 0.0 ? w * (double)LOAD(seg + k * si) : 0.0;
+        wa[k % BNCY_LANES] += w;
     }
-    for (k = 0; k < nv; k += BNCY_LANES) {
-        for (l = 0; l < BNCY_LANES; l++) {
-            const double v = (double)LOAD(seg + (k + l) * si);
-            if (has_mask) {
-                const double w = (double)wseg[k + l];
-                a[l] += w != 0.0 ? w * v : 0.0;
-                wa[l] += w;
-            } else {
-                a[l] += v;
-            }
-        }
-    }
-    for (k = nv; k < n; k++) {
-        const double v = (double)LOAD(seg + k * si);
-        if (has_mask) {
-            const double w = (double)wseg[k];
-            a[k - nv] += w != 0.0 ? w * v : 0.0;
-            wa[k - nv] += w;
-        } else {
-            a[k - nv] += v;
-        }
-    }
-    wt = has_mask ? FN(lanes_total)(wa) : (double)n;
+    wt = FN(lanes_total)(wa);
     *wt_out = wt;
     if (wt == 0.0) {
         *mean_out = *m2_out = 0.0;
         return;
     }
-    /* The shift is rounded to the compute type: then x - mt is a small multiple of x's ulp for
-       a constant channel, every sum below is exact, and its variance is exactly 0. */
     mt = (double)(CT)(FN(lanes_total)(a) / wt);
-    for (k = 0; k < nv; k += BNCY_LANES) {
-        for (l = 0; l < BNCY_LANES; l++) {
-            const double d = (double)LOAD(seg + (k + l) * si) - mt;
-            if (has_mask) {
-                const double w = (double)wseg[k + l];
-                b1[l] += w != 0.0 ? w * d : 0.0;
-                b2[l] += w != 0.0 ? w * d * d : 0.0;
-            } else {
-                b1[l] += d;
-                b2[l] += d * d;
-            }
-        }
-    }
-    for (k = nv; k < n; k++) {
+    for (k = 0; k < n; k++) {
+        const double w = (double)wseg[k];
         const double d = (double)LOAD(seg + k * si) - mt;
-        if (has_mask) {
-            const double w = (double)wseg[k];
-            b1[k - nv] += w != 0.0 ? w * d : 0.0;
-            b2[k - nv] += w != 0.0 ? w * d * d : 0.0;
-        } else {
-            b1[k - nv] += d;
-            b2[k - nv] += d * d;
-        }
+        b1[k % BNCY_LANES] += w != 0.0 ? w * d : 0.0;
+        b2[k % BNCY_LANES] += w != 0.0 ? (w * d) * d : 0.0;
     }
     s1 = FN(lanes_total)(b1);
     s2 = FN(lanes_total)(b2);
@@ -259,40 +285,62 @@ BNCY_INLINE void FN(plane_tile)(const T *BNCY_RESTRICT seg, int64_t si,
     *m2_out = m2 < 0.0 ? 0.0 : m2;
 }
 
+BNCY_INLINE void FN(plane_tile)(const T *BNCY_RESTRICT seg, int64_t si,
+                                const CT *BNCY_RESTRICT wseg, int64_t n, double *wt_out,
+                                double *mean_out, double *m2_out, const int has_mask) {
+    if (has_mask) {
+        FN(plane_tile_weighted)(seg, si, wseg, n, wt_out, mean_out, m2_out);
+    } else if (si == 0) {
+        /* a broadcast (zero-stride) run holds one value n times: its mean is that value and
+           its deviations are 0 (NaN for Inf/NaN, as the general path gives) */
+        const double v = (double)LOAD(seg);
+        *wt_out = (double)n;
+        *mean_out = v;
+        *m2_out = v - v;
+    } else {
+        *wt_out = (double)n;
+        FN(plane_tile_plain)(seg, si, n, mean_out, m2_out);
+    }
+}
+
+/* One group of positions [p0, p1) for every channel: segments along the inner dim in order,
+   each cut into tiles, each tile reduced per channel and merged into that channel's running state
+   (w, mean, m2). Walking segment by segment reads memory in order; each channel still sees its
+   tiles in position order, whatever the thread count. */
 BNCY_INLINE void FN(planes_stats_impl)(const T *x, bncy_strides xs, bncy_shape sh,
-                                       const CT *mask, int64_t p0, int64_t p1, int64_t c,
-                                       double *gw, double *gmean, double *gm2,
-                                       const int has_mask, const int unit_inner) {
+                                       const CT *mask, int64_t p0, int64_t p1, double *gw,
+                                       double *gmean, double *gm2, const int has_mask,
+                                       const int unit_inner) {
     const int64_t si = unit_inner ? 1 : xs.inner;
-    double w = 0.0, mean = 0.0, m2 = 0.0;
-    int64_t p = p0;
+    int64_t p = p0, c;
+    for (c = 0; c < sh.chan; c++) gw[c] = gmean[c] = gm2[c] = 0.0;
     while (p < p1) {
         const int64_t o = p / sh.inner, i = p - o * sh.inner;
         const int64_t n = bncy_min64(bncy_min64(p1 - p, sh.inner - i), BNCY_PLANES_TILE);
-        const T *seg = x + o * xs.outer + c * xs.chan + i * si;
-        double tw, tmean, tm2;
-        FN(plane_tile)(seg, si, has_mask ? mask + p : NULL, n, &tw, &tmean, &tm2, has_mask);
-        bncy_chan_merge(&w, &mean, &m2, tw, tmean, tm2);
+        const T *seg = x + o * xs.outer + i * si;
+        for (c = 0; c < sh.chan; c++) {
+            double tw, tmean, tm2;
+            FN(plane_tile)(seg + c * xs.chan, si, has_mask ? mask + p : NULL, n, &tw, &tmean, &tm2,
+                           has_mask);
+            bncy_chan_merge(&gw[c], &gmean[c], &gm2[c], tw, tmean, tm2);
+        }
         p += n;
     }
-    *gw = w;
-    *gmean = mean;
-    *gm2 = m2;
 }
 
 static void FN(planes_stats_unit)(const T *x, bncy_strides xs, bncy_shape sh, const CT *mask,
-                                  int64_t p0, int64_t p1, int64_t c, double *gw, double *gmean,
+                                  int64_t p0, int64_t p1, double *gw, double *gmean,
                                   double *gm2) {
     if (mask) {
         if (xs.inner == 1)
-            FN(planes_stats_impl)(x, xs, sh, mask, p0, p1, c, gw, gmean, gm2, 1, 1);
+            FN(planes_stats_impl)(x, xs, sh, mask, p0, p1, gw, gmean, gm2, 1, 1);
         else
-            FN(planes_stats_impl)(x, xs, sh, mask, p0, p1, c, gw, gmean, gm2, 1, 0);
+            FN(planes_stats_impl)(x, xs, sh, mask, p0, p1, gw, gmean, gm2, 1, 0);
     } else {
         if (xs.inner == 1)
-            FN(planes_stats_impl)(x, xs, sh, NULL, p0, p1, c, gw, gmean, gm2, 0, 1);
+            FN(planes_stats_impl)(x, xs, sh, NULL, p0, p1, gw, gmean, gm2, 0, 1);
         else
-            FN(planes_stats_impl)(x, xs, sh, NULL, p0, p1, c, gw, gmean, gm2, 0, 0);
+            FN(planes_stats_impl)(x, xs, sh, NULL, p0, p1, gw, gmean, gm2, 0, 0);
     }
 }
 
@@ -325,8 +373,7 @@ int FN(bncy_moments)(const T *x, bncy_strides xs, bncy_shape sh, const CT *mask,
                                 pm2 + g * C + c0);
             for (c = 0; c < nc; c++) pw[g * C + c0 + c] = gw;
         } else {
-            FN(planes_stats_unit)(x, xs, sh, mask, p0, p1, blk, pw + g * C + blk,
-                                  pm + g * C + blk, pm2 + g * C + blk);
+            FN(planes_stats_unit)(x, xs, sh, mask, p0, p1, pw + g * C, pm + g * C, pm2 + g * C);
         }
     });
     for (c = 0; c < C; c++) {
@@ -577,12 +624,16 @@ static int FN(grad_sums)(const T *dy, bncy_strides dys, const T *x, bncy_strides
             else
                 FN(rows_grad_sums_impl)(dy, dys, x, xs, sh, mean, p0, p1, c0, nc,
                                         part + g * C + c0, part + (G + g) * C + c0, 0);
-        } else if (xs.inner == 1 && dys.inner == 1) {
-            FN(planes_grad_sums_impl)(dy, dys, x, xs, sh, mean[blk], p0, p1, blk,
-                                      part + g * C + blk, part + (G + g) * C + blk, 1);
         } else {
-            FN(planes_grad_sums_impl)(dy, dys, x, xs, sh, mean[blk], p0, p1, blk,
-                                      part + g * C + blk, part + (G + g) * C + blk, 0);
+            int64_t ch;
+            for (ch = 0; ch < C; ch++) {
+                if (xs.inner == 1 && dys.inner == 1)
+                    FN(planes_grad_sums_impl)(dy, dys, x, xs, sh, mean[ch], p0, p1, ch,
+                                              part + g * C + ch, part + (G + g) * C + ch, 1);
+                else
+                    FN(planes_grad_sums_impl)(dy, dys, x, xs, sh, mean[ch], p0, p1, ch,
+                                              part + g * C + ch, part + (G + g) * C + ch, 0);
+            }
         }
     });
     for (c = 0; c < C; c++) {
