@@ -778,7 +778,7 @@ int FN(bncy_batch_norm_backward)(const T *dy, bncy_strides dys, const T *x, bncy
             const double inv = 1.0 / sqrt(var[c] + eps);
             const double g = gamma ? gamma[c] : 1.0;
             const CT hi = (CT)mean[c];
-            dgamma[c] = sdyx[c] * inv;
+            dgamma[c] = M > 0 ? sdyx[c] * inv : 0.0; /* an empty sum, even with NaN statistics */
             arr[c] = (CT)(g * inv);
             arr[C + c] = training ? (CT)(g * inv * dbeta[c] / W) : (CT)0;
             arr[2 * C + c] = training ? (CT)(g * inv * inv * inv * sdyx[c] / W) : (CT)0;
