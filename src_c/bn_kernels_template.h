@@ -667,18 +667,19 @@ BNCY_INLINE CT FN(dx_value)(CT g, CT v, CT w, int64_t c, FN(bncy_grad_consts) k,
 BNCY_INLINE void FN(rows_dx_impl)(const T *dy, bncy_strides dys, const T *x, bncy_strides xs,
                                   T *dx, bncy_strides dxs, bncy_shape sh, const CT *mask,
                                   FN(bncy_grad_consts) k, int64_t p0, int64_t p1,
-                                  const int training, const int has_mask) {
+                                  const int training, const int has_mask, const int unit) {
     FN(bncy_pos) qx = FN(pos_at)(p0, sh, xs), qd = FN(pos_at)(p0, sh, dys);
     FN(bncy_pos) qo = FN(pos_at)(p0, sh, dxs);
+    const int64_t sxc = unit ? 1 : xs.chan, sdc = unit ? 1 : dys.chan, soc = unit ? 1 : dxs.chan;
     int64_t p, c;
     for (p = p0; p < p1; p++) {
         const T *xr = x + qx.off, *dr = dy + qd.off;
         T *orow = dx + qo.off;
         const CT w = has_mask ? mask[p] : (CT)1;
         BNCY_IVDEP for (c = 0; c < sh.chan; c++) {
-            const CT g = LOAD(dr + c * dys.chan);
-            const CT v = training ? LOAD(xr + c * xs.chan) : (CT)0;
-            STORE(orow + c * dxs.chan, FN(dx_value)(g, v, w, c, k, training, has_mask));
+            const CT g = LOAD(dr + c * sdc);
+            const CT v = training ? LOAD(xr + c * sxc) : (CT)0;
+            STORE(orow + c * soc, FN(dx_value)(g, v, w, c, k, training, has_mask));
         }
         FN(pos_next)(&qx, sh, xs);
         FN(pos_next)(&qd, sh, dys);
@@ -709,14 +710,18 @@ static void FN(dx_pass)(const T *dy, bncy_strides dys, const T *x, bncy_strides 
     int64_t u;
     if (family == BNCY_ROWS) {
         const int64_t rows = bncy_max64(1, BNCY_ELEM_BLOCK / C), n_units = bncy_cdiv(M, rows);
+        const int unit = xs.chan == 1 && dys.chan == 1 && dxs.chan == 1;
         BNCY_PARALLEL_FOR(nt, u, n_units, {
             const int64_t p0 = u * rows, p1 = bncy_min64(M, p0 + rows);
-            if (!training)
-                FN(rows_dx_impl)(dy, dys, x, xs, dx, dxs, sh, NULL, k, p0, p1, 0, 0);
+            if (!unit)
+                FN(rows_dx_impl)(dy, dys, x, xs, dx, dxs, sh, mask, k, p0, p1, training,
+                                 has_mask, 0);
+            else if (!training)
+                FN(rows_dx_impl)(dy, dys, x, xs, dx, dxs, sh, NULL, k, p0, p1, 0, 0, 1);
             else if (has_mask)
-                FN(rows_dx_impl)(dy, dys, x, xs, dx, dxs, sh, mask, k, p0, p1, 1, 1);
+                FN(rows_dx_impl)(dy, dys, x, xs, dx, dxs, sh, mask, k, p0, p1, 1, 1, 1);
             else
-                FN(rows_dx_impl)(dy, dys, x, xs, dx, dxs, sh, NULL, k, p0, p1, 1, 0);
+                FN(rows_dx_impl)(dy, dys, x, xs, dx, dxs, sh, NULL, k, p0, p1, 1, 0, 1);
         });
     } else {
         const int64_t blk = BNCY_ELEM_BLOCK, nb = bncy_cdiv(sh.inner, blk);
