@@ -18,6 +18,7 @@ from .ops import (
     openmp_enabled,
     set_num_threads,
 )
+from .layer import BatchNormalization
 
 __all__ = [
     "__version__",
@@ -29,4 +30,5 @@ __all__ = [
     "get_num_threads",
     "openmp_enabled",
     "build_info",
+    "BatchNormalization",
 ]
