@@ -81,6 +81,50 @@ cdef extern from "../src_c/bn_cy.h" nogil:
                                       const double *gamma, double eps, int training,
                                       double *dgamma, double *dbeta, int n_threads)
 
+    int bncy_moments_partial_f32(const float *x, bncy_strides xs, bncy_shape sh, const float *mask,
+                                 double *wsum, double *mean, double *m2sum, int n_threads)
+    int bncy_grad_sums_f32(const float *dy, bncy_strides dys, const float *x, bncy_strides xs,
+                           bncy_shape sh, const double *mean, double *sdy, double *sdyx,
+                           int n_threads)
+    int bncy_grad_input_f32(const float *dy, bncy_strides dys, const float *x, bncy_strides xs,
+                            float *dx, bncy_strides dxs, bncy_shape sh, const float *mask,
+                            const double *mean, const double *var, const double *gamma,
+                            double eps, int training, double wtotal, const double *sdy,
+                            const double *sdyx, int n_threads)
+
+    int bncy_moments_partial_f64(const double *x, bncy_strides xs, bncy_shape sh, const double *mask,
+                                 double *wsum, double *mean, double *m2sum, int n_threads)
+    int bncy_grad_sums_f64(const double *dy, bncy_strides dys, const double *x, bncy_strides xs,
+                           bncy_shape sh, const double *mean, double *sdy, double *sdyx,
+                           int n_threads)
+    int bncy_grad_input_f64(const double *dy, bncy_strides dys, const double *x, bncy_strides xs,
+                            double *dx, bncy_strides dxs, bncy_shape sh, const double *mask,
+                            const double *mean, const double *var, const double *gamma,
+                            double eps, int training, double wtotal, const double *sdy,
+                            const double *sdyx, int n_threads)
+
+    int bncy_moments_partial_f16(const bncy_half *x, bncy_strides xs, bncy_shape sh, const float *mask,
+                                 double *wsum, double *mean, double *m2sum, int n_threads)
+    int bncy_grad_sums_f16(const bncy_half *dy, bncy_strides dys, const bncy_half *x, bncy_strides xs,
+                           bncy_shape sh, const double *mean, double *sdy, double *sdyx,
+                           int n_threads)
+    int bncy_grad_input_f16(const bncy_half *dy, bncy_strides dys, const bncy_half *x, bncy_strides xs,
+                            bncy_half *dx, bncy_strides dxs, bncy_shape sh, const float *mask,
+                            const double *mean, const double *var, const double *gamma,
+                            double eps, int training, double wtotal, const double *sdy,
+                            const double *sdyx, int n_threads)
+
+    int bncy_moments_partial_bf16(const bncy_bfloat16 *x, bncy_strides xs, bncy_shape sh, const float *mask,
+                                 double *wsum, double *mean, double *m2sum, int n_threads)
+    int bncy_grad_sums_bf16(const bncy_bfloat16 *dy, bncy_strides dys, const bncy_bfloat16 *x, bncy_strides xs,
+                           bncy_shape sh, const double *mean, double *sdy, double *sdyx,
+                           int n_threads)
+    int bncy_grad_input_bf16(const bncy_bfloat16 *dy, bncy_strides dys, const bncy_bfloat16 *x, bncy_strides xs,
+                            bncy_bfloat16 *dx, bncy_strides dxs, bncy_shape sh, const float *mask,
+                            const double *mean, const double *var, const double *gamma,
+                            double eps, int training, double wtotal, const double *sdy,
+                            const double *sdyx, int n_threads)
+
     int bncy_openmp_enabled()
     int bncy_omp_max_threads()
     int bncy_num_procs()

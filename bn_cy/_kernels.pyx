@@ -342,6 +342,115 @@ def batch_norm_backward(cnp.ndarray dy, cnp.ndarray x, int axis, object out, obj
     return _finish(out, dx), dgamma, dbeta
 
 
+def moments_partial(cnp.ndarray x, int axis, object mask, int n_threads):
+    """Per-channel partial statistics (total weight, mean, sum of squared deviations), float64."""
+    cdef bncy_shape sh
+    cdef bncy_strides xs
+    cdef bint rev = _choose_reversed(x, axis)
+    cdef list keep = []
+    x = _input(x, axis, rev, &sh, &xs)
+    cdef const void *w = _mask_ptr(mask, rev, keep)
+    cdef cnp.ndarray wsum = np.empty(sh.chan, np.float64)
+    cdef cnp.ndarray mean = np.empty(sh.chan, np.float64)
+    cdef cnp.ndarray m2 = np.empty(sh.chan, np.float64)
+    cdef double *pw = <double *>cnp.PyArray_DATA(wsum)
+    cdef double *pm = <double *>cnp.PyArray_DATA(mean)
+    cdef double *pm2 = <double *>cnp.PyArray_DATA(m2)
+    cdef const void *px = cnp.PyArray_DATA(x)
+    cdef int kind = _kind(x), status
+    with nogil:
+        if kind == KIND_F32:
+            status = bncy_moments_partial_f32(<const float *>px, xs, sh, <const float *>w, pw, pm,
+                                              pm2, n_threads)
+        elif kind == KIND_F64:
+            status = bncy_moments_partial_f64(<const double *>px, xs, sh, <const double *>w, pw,
+                                              pm, pm2, n_threads)
+        elif kind == KIND_F16:
+            status = bncy_moments_partial_f16(<const bncy_half *>px, xs, sh, <const float *>w, pw,
+                                              pm, pm2, n_threads)
+        else:
+            status = bncy_moments_partial_bf16(<const bncy_bfloat16 *>px, xs, sh,
+                                               <const float *>w, pw, pm, pm2, n_threads)
+    _check(status)
+    return wsum, mean, m2
+
+
+def grad_sums(cnp.ndarray dy, cnp.ndarray x, int axis, object mean, int n_threads):
+    """Backward pass 1: per-channel sum(dy) and sum(dy * (x - mean)), float64."""
+    cdef bncy_shape sh, dsh
+    cdef bncy_strides xs, dys
+    cdef bint rev = _choose_reversed(x, axis)
+    x = _input(x, axis, rev, &sh, &xs)
+    dy = _input(dy, axis, rev, &dsh, &dys)
+    cdef cnp.ndarray sdy = np.empty(sh.chan, np.float64)
+    cdef cnp.ndarray sdyx = np.empty(sh.chan, np.float64)
+    cdef double *p1 = <double *>cnp.PyArray_DATA(sdy)
+    cdef double *p2 = <double *>cnp.PyArray_DATA(sdyx)
+    cdef const void *px = cnp.PyArray_DATA(x)
+    cdef const void *pdy = cnp.PyArray_DATA(dy)
+    cdef const double *pm = _vec(mean)
+    cdef int kind = _kind(x), status
+    with nogil:
+        if kind == KIND_F32:
+            status = bncy_grad_sums_f32(<const float *>pdy, dys, <const float *>px, xs, sh, pm,
+                                        p1, p2, n_threads)
+        elif kind == KIND_F64:
+            status = bncy_grad_sums_f64(<const double *>pdy, dys, <const double *>px, xs, sh, pm,
+                                        p1, p2, n_threads)
+        elif kind == KIND_F16:
+            status = bncy_grad_sums_f16(<const bncy_half *>pdy, dys, <const bncy_half *>px, xs,
+                                        sh, pm, p1, p2, n_threads)
+        else:
+            status = bncy_grad_sums_bf16(<const bncy_bfloat16 *>pdy, dys,
+                                         <const bncy_bfloat16 *>px, xs, sh, pm, p1, p2, n_threads)
+    _check(status)
+    return sdy, sdyx
+
+
+def grad_input(cnp.ndarray dy, cnp.ndarray x, int axis, object out, object mask, object mean,
+               object var, object gamma, double eps, bint training, double wtotal, object sdy,
+               object sdyx, int n_threads):
+    """Backward pass 2: dx from the (possibly all-reduced) sums of pass 1."""
+    cdef bncy_shape sh, dsh
+    cdef bncy_strides xs, dys, dxs
+    cdef bint rev = _choose_reversed(x, axis)
+    cdef list keep = []
+    x = _input(x, axis, rev, &sh, &xs)
+    dy = _input(dy, axis, rev, &dsh, &dys)
+    cdef cnp.ndarray dx = _output(out, x, axis, rev, (x, dy), &dxs)
+    cdef const void *w = _mask_ptr(mask, rev, keep)
+    cdef const void *px = cnp.PyArray_DATA(x)
+    cdef const void *pdy = cnp.PyArray_DATA(dy)
+    cdef void *pdx = cnp.PyArray_DATA(dx)
+    cdef const double *pm = _vec(mean)
+    cdef const double *pv = _vec(var)
+    cdef const double *pg = _vec(gamma)
+    cdef const double *p1 = _vec(sdy)
+    cdef const double *p2 = _vec(sdyx)
+    cdef int kind = _kind(x), status
+    cdef int train = 1 if training else 0
+    with nogil:
+        if kind == KIND_F32:
+            status = bncy_grad_input_f32(<const float *>pdy, dys, <const float *>px, xs,
+                                         <float *>pdx, dxs, sh, <const float *>w, pm, pv, pg, eps,
+                                         train, wtotal, p1, p2, n_threads)
+        elif kind == KIND_F64:
+            status = bncy_grad_input_f64(<const double *>pdy, dys, <const double *>px, xs,
+                                         <double *>pdx, dxs, sh, <const double *>w, pm, pv, pg,
+                                         eps, train, wtotal, p1, p2, n_threads)
+        elif kind == KIND_F16:
+            status = bncy_grad_input_f16(<const bncy_half *>pdy, dys, <const bncy_half *>px, xs,
+                                         <bncy_half *>pdx, dxs, sh, <const float *>w, pm, pv, pg,
+                                         eps, train, wtotal, p1, p2, n_threads)
+        else:
+            status = bncy_grad_input_bf16(<const bncy_bfloat16 *>pdy, dys,
+                                          <const bncy_bfloat16 *>px, xs, <bncy_bfloat16 *>pdx,
+                                          dxs, sh, <const float *>w, pm, pv, pg, eps, train,
+                                          wtotal, p1, p2, n_threads)
+    _check(status)
+    return _finish(out, dx)
+
+
 # ---------------------------------------------------------------------------------------------
 # Build and runtime facts
 # ---------------------------------------------------------------------------------------------

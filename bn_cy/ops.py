@@ -198,7 +198,7 @@ def _channel_vector(v, channels, name):
     return np.ascontiguousarray(a, dtype=np.float64)
 
 
-def _mask_weights(mask, x, axis, cdtype):
+def _mask_weights(mask, x, axis, cdtype, rescale=True):
     """The mask as weights of the compute dtype, shaped like x without the feature axis."""
     if mask is None:
         return None
@@ -218,13 +218,38 @@ def _mask_weights(mask, x, axis, cdtype):
         raise ValueError("mask weights must be finite")
     if np.any(w < 0):
         raise ValueError("mask weights must be >= 0")
-    if w.size:
-        # Weights only matter relative to each other: scale them by a power of two (exact) so
-        # the largest is in [0.5, 1) and none overflows or needlessly underflows in float32.
+    if rescale and w.size:
+        # Weights only matter relative to each other. Extreme ones are scaled by a power of two
+        # (exactly) so the largest lies in [0.5, 1) and none overflows or needlessly underflows
+        # in float32. (Not for synchronized calls: every rank must weigh alike.)
         top = w.max()
-        if top > 0:
+        if top > 0 and not 2.0**-60 <= top <= 2.0**60:
             w = np.ldexp(w, -int(np.frexp(top)[1]))
     return w.astype(cdtype, copy=False)
+
+
+def _sync_comm(synchronized, comm):
+    """The communicator of a synchronized call, or None for a local one."""
+    if comm is None and not synchronized:
+        return None
+    from . import distributed
+
+    return distributed.resolve_comm(comm)
+
+
+def _finalize(wsum, mean, m2):
+    """mean/variance from merged partials (NaN where a channel has no weight)."""
+    has = wsum > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        var = np.where(has, m2 / np.where(has, wsum, 1.0), np.nan)
+    return np.where(has, mean, np.nan), var
+
+
+def _synced_stats(x, ax, w, nt, comm):
+    from . import distributed
+
+    wsum, mean, m2 = _kernels.moments_partial(x, ax, w, nt)
+    return _finalize(*distributed.merge_partials(comm, wsum, mean, m2))
 
 
 def _check_out(out, shape, dtype):
@@ -255,17 +280,25 @@ def _stats(mean64, var64, dt):
 # ---------------------------------------------------------------------------------------------
 
 
-def moments(x, axis=-1, *, mask=None, n_threads=None):
+def moments(x, axis=-1, *, mask=None, n_threads=None, synchronized=False, comm=None):
     """Per-channel mean and population variance of `x` over every axis but `axis`.
 
     Returns ``(mean, variance)``, each of shape ``(x.shape[axis],)``: float64 for float64 input,
     float32 otherwise. Channels with no (unmasked) element give NaN.
+
+    With ``synchronized=True`` (or a `comm`), the statistics are those of the batch formed by
+    every rank's `x` of the MPI communicator `comm` (default ``MPI.COMM_WORLD``); see
+    :mod:`bn_cy.distributed`.
     """
     x = _as_data(x, "x")
     ax = _check_axis(axis, x.ndim)
-    w = _mask_weights(mask, x, ax, _compute_dtype(x.dtype))
+    comm = _sync_comm(synchronized, comm)
+    w = _mask_weights(mask, x, ax, _compute_dtype(x.dtype), rescale=comm is None)
     nt = _resolve_threads(n_threads)
-    mean, var = _kernels.moments(x, ax, w, nt)
+    if comm is not None:
+        mean, var = _synced_stats(x, ax, w, nt, comm)
+    else:
+        mean, var = _kernels.moments(x, ax, w, nt)
     return _stats(mean, var, x.dtype)
 
 
@@ -295,12 +328,15 @@ def batch_norm(x, mean, variance, gamma=None, beta=None, *, axis=-1, epsilon=1e-
 
 
 def batch_norm_train(x, gamma=None, beta=None, *, axis=-1, epsilon=1e-3, mask=None, out=None,
-                     n_threads=None):
+                     n_threads=None, synchronized=False, comm=None):
     """Training forward: normalize `x` with its own batch statistics.
 
     Returns ``(y, mean, variance)``: the batch mean and population variance are those of
     :func:`moments` (weighted by `mask`), and y is normalized with them at every position,
     masked or not. x is read twice and y written once.
+
+    ``synchronized=True`` (or a `comm`): the statistics are those of the global batch of every
+    rank of the MPI communicator (one collective per call).
     """
     x = _as_data(x, "x")
     ax = _check_axis(axis, x.ndim)
@@ -308,16 +344,21 @@ def batch_norm_train(x, gamma=None, beta=None, *, axis=-1, epsilon=1e-3, mask=No
     g = _channel_vector(gamma, c, "gamma")
     b = _channel_vector(beta, c, "beta")
     eps = _check_epsilon(epsilon)
-    w = _mask_weights(mask, x, ax, _compute_dtype(x.dtype))
+    comm = _sync_comm(synchronized, comm)
+    w = _mask_weights(mask, x, ax, _compute_dtype(x.dtype), rescale=comm is None)
     out = _check_out(out, x.shape, x.dtype)
     nt = _resolve_threads(n_threads)
-    y, mean, var = _kernels.batch_norm_train(x, ax, out, w, g, b, eps, nt)
+    if comm is not None:
+        mean, var = _synced_stats(x, ax, w, nt, comm)
+        y = _kernels.batch_norm(x, ax, out, mean, var, g, b, eps, nt)
+    else:
+        y, mean, var = _kernels.batch_norm_train(x, ax, out, w, g, b, eps, nt)
     mean, var = _stats(mean, var, x.dtype)
     return y, mean, var
 
 
 def batch_norm_backward(dy, x, mean, variance, gamma=None, *, axis=-1, epsilon=1e-3, mask=None,
-                        training=True, out=None, n_threads=None):
+                        training=True, out=None, n_threads=None, synchronized=False, comm=None):
     """Gradients of batch normalization: returns ``(dx, dgamma, dbeta)``.
 
     With ``training=True``, `mean` and `variance` are the batch statistics the forward pass used
@@ -325,6 +366,12 @@ def batch_norm_backward(dy, x, mean, variance, gamma=None, *, axis=-1, epsilon=1
     ``training=False`` they are constants (moving statistics) and ``dx = dy * gamma /
     sqrt(variance + epsilon)``. ``dgamma = sum(dy * xhat)`` and ``dbeta = sum(dy)`` over every
     position; dgamma is returned even when gamma is None.
+
+    ``synchronized=True`` (or a `comm`) with ``training=True``: mean/variance are the global
+    statistics of a synchronized forward, and sum(dy), sum(dy*xhat) and the total weight are
+    gathered over the ranks, so dx equals the single-process dx on the concatenated batch.
+    dgamma and dbeta stay this rank's contributions (their sum over ranks is the global gradient,
+    ready for a data-parallel all-reduce of parameter gradients).
     """
     x = _as_data(x, "x")
     dy = _as_data(dy, "dy")
@@ -342,12 +389,24 @@ def batch_norm_backward(dy, x, mean, variance, gamma=None, *, axis=-1, epsilon=1
         raise TypeError("variance must be an array of per-channel variances, not None")
     g = _channel_vector(gamma, c, "gamma")
     eps = _check_epsilon(epsilon)
-    w = _mask_weights(mask, x, ax, _compute_dtype(x.dtype)) if training else None
-    if not training and mask is not None:
-        _mask_weights(mask, x, ax, _compute_dtype(x.dtype))  # validated, but constant stats ignore it
+    comm = _sync_comm(synchronized, comm) if training else None
+    w = _mask_weights(mask, x, ax, _compute_dtype(x.dtype), rescale=comm is None)
+    if not training:
+        w = None  # validated, but constant statistics do not depend on the mask
     out = _check_out(out, x.shape, x.dtype)
     nt = _resolve_threads(n_threads)
-    dx, dgamma, dbeta = _kernels.batch_norm_backward(dy, x, ax, out, w, m, v, g, eps,
-                                                     bool(training), nt)
+    if comm is not None:
+        from . import distributed
+
+        sdy, sdyx = _kernels.grad_sums(dy, x, ax, m, nt)
+        local_w = float(w.sum(dtype=np.float64)) if w is not None else float(x.size // max(c, 1))
+        wtot, sdy_all, sdyx_all = distributed.sum_grad_sums(comm, local_w, sdy, sdyx)
+        dx = _kernels.grad_input(dy, x, ax, out, w, m, v, g, eps, True, wtot, sdy_all, sdyx_all, nt)
+        with np.errstate(invalid="ignore"):
+            dgamma = sdyx / np.sqrt(v + eps) if x.size else np.zeros(c)
+        dbeta = sdy
+    else:
+        dx, dgamma, dbeta = _kernels.batch_norm_backward(dy, x, ax, out, w, m, v, g, eps,
+                                                         bool(training), nt)
     dgamma, dbeta = _stats(dgamma, dbeta, x.dtype)
     return dx, dgamma, dbeta

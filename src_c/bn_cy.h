@@ -39,6 +39,18 @@ typedef uint16_t bncy_half;
 typedef uint16_t bncy_bfloat16;
 
 #define BNCY_DECLARE(SFX, T, CT)                                                                    \
+    /* Partial statistics (total weight, mean, sum of squared deviations) per channel. */          \
+    int bncy_moments_partial_##SFX(const T *x, bncy_strides xs, bncy_shape sh, const CT *mask,    \
+                                   double *wsum, double *mean, double *m2sum, int n_threads);     \
+    /* Backward in two passes (for synchronized statistics): the per-channel sums, then dx. */    \
+    int bncy_grad_sums_##SFX(const T *dy, bncy_strides dys, const T *x, bncy_strides xs,          \
+                             bncy_shape sh, const double *mean, double *sdy, double *sdyx,        \
+                             int n_threads);                                                      \
+    int bncy_grad_input_##SFX(const T *dy, bncy_strides dys, const T *x, bncy_strides xs, T *dx,  \
+                              bncy_strides dxs, bncy_shape sh, const CT *mask,                    \
+                              const double *mean, const double *var, const double *gamma,         \
+                              double eps, int training, double wtotal, const double *sdy,         \
+                              const double *sdyx, int n_threads);                                 \
     /* Per-channel weighted mean and population variance (NaN where the weights sum to 0). */    \
     int bncy_moments_##SFX(const T *x, bncy_strides xs, bncy_shape sh, const CT *mask,            \
                            double *mean, double *var, int n_threads);                             \

@@ -14,6 +14,14 @@
 
 /* Declarations of the per-ISA instances, generated from the public prototypes. */
 #define BNCY_DECLARE_ISA(SFX, ISA, T, CT)                                                         \
+    int bncy_moments_partial_##SFX##_##ISA(const T *, bncy_strides, bncy_shape, const CT *,       \
+                                           double *, double *, double *, int);                    \
+    int bncy_grad_sums_##SFX##_##ISA(const T *, bncy_strides, const T *, bncy_strides,            \
+                                     bncy_shape, const double *, double *, double *, int);        \
+    int bncy_grad_input_##SFX##_##ISA(const T *, bncy_strides, const T *, bncy_strides, T *,      \
+                                      bncy_strides, bncy_shape, const CT *, const double *,       \
+                                      const double *, const double *, double, int, double,        \
+                                      const double *, const double *, int);                       \
     int bncy_moments_##SFX##_##ISA(const T *, bncy_strides, bncy_shape, const CT *, double *,     \
                                    double *, int);                                                \
     int bncy_normalize_##SFX##_##ISA(const T *, bncy_strides, T *, bncy_strides, bncy_shape,      \
@@ -61,6 +69,25 @@ static int bncy_use_avx2(void) {
 #endif
 
 #define BNCY_DEFINE(SFX, T, CT)                                                                   \
+    int bncy_moments_partial_##SFX(const T *x, bncy_strides xs, bncy_shape sh, const CT *mask,    \
+                                   double *wsum, double *mean, double *m2sum, int n_threads) {    \
+        return BNCY_CALL(bncy_moments_partial, SFX,                                               \
+                         (x, xs, sh, mask, wsum, mean, m2sum, n_threads));                        \
+    }                                                                                             \
+    int bncy_grad_sums_##SFX(const T *dy, bncy_strides dys, const T *x, bncy_strides xs,          \
+                             bncy_shape sh, const double *mean, double *sdy, double *sdyx,        \
+                             int n_threads) {                                                     \
+        return BNCY_CALL(bncy_grad_sums, SFX, (dy, dys, x, xs, sh, mean, sdy, sdyx, n_threads));  \
+    }                                                                                             \
+    int bncy_grad_input_##SFX(const T *dy, bncy_strides dys, const T *x, bncy_strides xs, T *dx,  \
+                              bncy_strides dxs, bncy_shape sh, const CT *mask,                    \
+                              const double *mean, const double *var, const double *gamma,         \
+                              double eps, int training, double wtotal, const double *sdy,         \
+                              const double *sdyx, int n_threads) {                                \
+        return BNCY_CALL(bncy_grad_input, SFX,                                                    \
+                         (dy, dys, x, xs, dx, dxs, sh, mask, mean, var, gamma, eps, training,     \
+                          wtotal, sdy, sdyx, n_threads));                                         \
+    }                                                                                             \
     int bncy_moments_##SFX(const T *x, bncy_strides xs, bncy_shape sh, const CT *mask,            \
                            double *mean, double *var, int n_threads) {                            \
         return BNCY_CALL(bncy_moments, SFX, (x, xs, sh, mask, mean, var, n_threads));             \

@@ -344,9 +344,10 @@ static void FN(planes_stats_unit)(const T *x, bncy_strides xs, bncy_shape sh, co
     }
 }
 
-/* Statistics of every channel into mean/var (double, length chan). */
-int FN(bncy_moments)(const T *x, bncy_strides xs, bncy_shape sh, const CT *mask, double *mean,
-                     double *var, int n_threads) {
+/* Partial statistics of every channel: total weight w, mean and sum of squared deviations m2
+   (w = 0, mean = m2 = 0 for a channel with no weight). */
+int FN(bncy_moments_partial)(const T *x, bncy_strides xs, bncy_shape sh, const CT *mask,
+                             double *wsum, double *mean, double *m2sum, int n_threads) {
     bncy_plan plan;
     double *part;
     int64_t G, C = sh.chan, u, c;
@@ -354,7 +355,7 @@ int FN(bncy_moments)(const T *x, bncy_strides xs, bncy_shape sh, const CT *mask,
     if (sh.outer < 0 || sh.chan < 0 || sh.inner < 0) return BNCY_ERR_ARG;
     if (C == 0) return BNCY_OK;
     if (sh.outer == 0 || sh.inner == 0) {
-        for (c = 0; c < C; c++) mean[c] = var[c] = NAN;
+        for (c = 0; c < C; c++) wsum[c] = mean[c] = m2sum[c] = 0.0;
         return BNCY_OK;
     }
     plan = bncy_make_plan(sh, xs);
@@ -382,16 +383,38 @@ int FN(bncy_moments)(const T *x, bncy_strides xs, bncy_shape sh, const CT *mask,
         for (g = 0; g < G; g++)
             bncy_chan_merge(&w, &m, &m2, part[g * C + c], part[(G + g) * C + c],
                             part[(2 * G + g) * C + c]);
-        if (w > 0.0) {
-            mean[c] = m;
-            var[c] = m2 / w;
-        } else {
-            mean[c] = var[c] = NAN;
-        }
+        wsum[c] = w;
+        mean[c] = m;
+        m2sum[c] = m2;
     }
     free(part);
     return BNCY_OK;
 }
+
+/* Statistics of every channel into mean/var (double, length chan; NaN where no weight). */
+int FN(bncy_moments)(const T *x, bncy_strides xs, bncy_shape sh, const CT *mask, double *mean,
+                     double *var, int n_threads) {
+    double *w;
+    int64_t c;
+    int status;
+    if (sh.outer < 0 || sh.chan < 0 || sh.inner < 0) return BNCY_ERR_ARG;
+    if (sh.chan == 0) return BNCY_OK;
+    w = (double *)malloc((size_t)sh.chan * sizeof(double));
+    if (!w) return BNCY_ERR_NOMEM;
+    status = FN(bncy_moments_partial)(x, xs, sh, mask, w, mean, var, n_threads);
+    if (status == BNCY_OK) {
+        for (c = 0; c < sh.chan; c++) {
+            if (w[c] > 0.0) {
+                var[c] /= w[c];
+            } else {
+                mean[c] = var[c] = NAN;
+            }
+        }
+    }
+    free(w);
+    return status;
+}
+
 
 /* ---------------------------------------------------------------------------------------------
  * Elementwise normalize: y = ((x - hi) - lo) * a + b.
@@ -756,49 +779,71 @@ static double FN(weight_total)(const CT *mask, int64_t M) {
     return FN(lanes_total)(a);
 }
 
+/* Pass 1 of the backward: sdy = sum(dy), sdyx = sum(dy * (x - mean)) per channel, over every
+   position (masked or not). */
+int FN(bncy_grad_sums)(const T *dy, bncy_strides dys, const T *x, bncy_strides xs, bncy_shape sh,
+                       const double *mean, double *sdy, double *sdyx, int n_threads) {
+    if (sh.outer < 0 || sh.chan < 0 || sh.inner < 0) return BNCY_ERR_ARG;
+    if (sh.chan == 0) return BNCY_OK;
+    return FN(grad_sums)(dy, dys, x, xs, sh, mean, sdy, sdyx, n_threads);
+}
+
+/* Pass 2 of the backward: dx from the sums of pass 1 and the total weight W (training), or
+   dx = dy * gamma / sqrt(var + eps) (inference; the sums and W are not used). */
+int FN(bncy_grad_input)(const T *dy, bncy_strides dys, const T *x, bncy_strides xs, T *dx,
+                        bncy_strides dxs, bncy_shape sh, const CT *mask, const double *mean,
+                        const double *var, const double *gamma, double eps, int training,
+                        double wtotal, const double *sdy, const double *sdyx, int n_threads) {
+    const int64_t C = sh.chan, M = sh.outer * sh.inner;
+    CT *arr;
+    FN(bncy_grad_consts) k;
+    int64_t c;
+    if (sh.outer < 0 || sh.chan < 0 || sh.inner < 0) return BNCY_ERR_ARG;
+    if (C == 0 || M == 0) return BNCY_OK;
+    arr = (CT *)malloc((size_t)(5 * C) * sizeof(CT));
+    if (!arr) return BNCY_ERR_NOMEM;
+    for (c = 0; c < C; c++) {
+        const double inv = 1.0 / sqrt(var[c] + eps);
+        const double g = gamma ? gamma[c] : 1.0;
+        const CT hi = (CT)mean[c];
+        arr[c] = (CT)(g * inv);
+        arr[C + c] = training ? (CT)(g * inv * sdy[c] / wtotal) : (CT)0;
+        arr[2 * C + c] = training ? (CT)(g * inv * inv * inv * sdyx[c] / wtotal) : (CT)0;
+        arr[3 * C + c] = hi;
+        arr[4 * C + c] = (CT)(mean[c] - (double)hi);
+    }
+    k.A = arr;
+    k.B = arr + C;
+    k.K = arr + 2 * C;
+    k.hi = arr + 3 * C;
+    k.lo = arr + 4 * C;
+    FN(dx_pass)(dy, dys, x, xs, dx, dxs, sh, mask, k, training, n_threads);
+    free(arr);
+    return BNCY_OK;
+}
+
 int FN(bncy_batch_norm_backward)(const T *dy, bncy_strides dys, const T *x, bncy_strides xs,
                                  T *dx, bncy_strides dxs, bncy_shape sh, const CT *mask,
                                  const double *mean, const double *var, const double *gamma,
                                  double eps, int training, double *dgamma, double *dbeta,
                                  int n_threads) {
     const int64_t C = sh.chan, M = sh.outer * sh.inner;
-    double *sdyx, W;
-    CT *arr;
-    FN(bncy_grad_consts) k;
+    double *sdyx;
     int64_t c;
     int status;
     if (sh.outer < 0 || sh.chan < 0 || sh.inner < 0) return BNCY_ERR_ARG;
     if (C == 0) return BNCY_OK;
     sdyx = (double *)malloc((size_t)C * sizeof(double));
-    arr = (CT *)malloc((size_t)(5 * C) * sizeof(CT));
-    if (!sdyx || !arr) {
-        free(sdyx);
-        free(arr);
-        return BNCY_ERR_NOMEM;
-    }
+    if (!sdyx) return BNCY_ERR_NOMEM;
     status = FN(grad_sums)(dy, dys, x, xs, sh, mean, dbeta, sdyx, n_threads);
     if (status == BNCY_OK) {
-        W = training ? FN(weight_total)(mask, M) : 0.0;
-        for (c = 0; c < C; c++) {
-            const double inv = 1.0 / sqrt(var[c] + eps);
-            const double g = gamma ? gamma[c] : 1.0;
-            const CT hi = (CT)mean[c];
-            dgamma[c] = M > 0 ? sdyx[c] * inv : 0.0; /* an empty sum, even with NaN statistics */
-            arr[c] = (CT)(g * inv);
-            arr[C + c] = training ? (CT)(g * inv * dbeta[c] / W) : (CT)0;
-            arr[2 * C + c] = training ? (CT)(g * inv * inv * inv * sdyx[c] / W) : (CT)0;
-            arr[3 * C + c] = hi;
-            arr[4 * C + c] = (CT)(mean[c] - (double)hi);
-        }
-        k.A = arr;
-        k.B = arr + C;
-        k.K = arr + 2 * C;
-        k.hi = arr + 3 * C;
-        k.lo = arr + 4 * C;
-        if (M > 0) FN(dx_pass)(dy, dys, x, xs, dx, dxs, sh, mask, k, training, n_threads);
+        for (c = 0; c < C; c++) /* an empty sum is 0, even with NaN statistics */
+            dgamma[c] = M > 0 ? sdyx[c] / sqrt(var[c] + eps) : 0.0;
+        status = FN(bncy_grad_input)(dy, dys, x, xs, dx, dxs, sh, mask, mean, var, gamma, eps,
+                                     training, training ? FN(weight_total)(mask, M) : 0.0, dbeta,
+                                     sdyx, n_threads);
     }
     free(sdyx);
-    free(arr);
     return status;
 }
 
