@@ -20,12 +20,6 @@
 #define BNCY_CAT3(a, b, c) BNCY_CAT3_(a, b, c)
 #define FN(name) BNCY_CAT3(name, SFX, ISA)
 
-/* Per-channel constants of an elementwise pass in the compute type. For float data the mean is
-   kept as a hi/lo pair so that (x - hi) - lo keeps the digits a single float mean would lose. */
-typedef struct {
-    CT hi, lo, a, b;
-} FN(bncy_chan_consts);
-
 /* Walks positions p = o*inner + i of the (outer, inner) grid in order, tracking the offset. */
 typedef struct {
     int64_t o, i, off;
@@ -417,26 +411,30 @@ int FN(bncy_moments)(const T *x, bncy_strides xs, bncy_shape sh, const CT *mask,
 
 
 /* ---------------------------------------------------------------------------------------------
- * Elementwise normalize: y = ((x - hi) - lo) * a + b.
+ * Elementwise normalize: y = (x - hi) * a + b, with hi the mean rounded to the compute type and
+ * b = shift - (mean - hi) * scale folded in double. x - hi is exact when x is near the mean (the
+ * case where digits are at stake), so the digits a single-precision mean would lose are kept,
+ * with one subtraction and one fused multiply-add per element. A constant channel has x == hi
+ * and gives exactly b == shift.
  * ------------------------------------------------------------------------------------------- */
-static void FN(make_consts)(FN(bncy_chan_consts) * k, int64_t C, const double *mean,
+static void FN(make_consts)(CT *hi, CT *a, CT *b, int64_t C, const double *mean,
                             const double *scale, const double *shift) {
     int64_t c;
     for (c = 0; c < C; c++) {
         const double m = mean[c];
-        const CT hi = (CT)m;
-        k[c].hi = hi;
-        k[c].lo = (CT)(m - (double)hi);
-        k[c].a = (CT)scale[c];
-        k[c].b = (CT)(shift ? shift[c] : 0.0);
+        const CT h = (CT)m;
+        const double lo = m - (double)h;
+        hi[c] = h;
+        a[c] = (CT)scale[c];
+        /* lo == 0 keeps b exact (and avoids 0 * Inf) */
+        b[c] = (CT)((shift ? shift[c] : 0.0) - (lo != 0.0 ? lo * scale[c] : 0.0));
     }
 }
 
 BNCY_INLINE void FN(rows_normalize_impl)(const T *x, bncy_strides xs, T *y, bncy_strides ys,
                                          bncy_shape sh, const CT *BNCY_RESTRICT hi,
-                                         const CT *BNCY_RESTRICT lo, const CT *BNCY_RESTRICT a,
-                                         const CT *BNCY_RESTRICT b, int64_t p0, int64_t p1,
-                                         const int unit_chan) {
+                                         const CT *BNCY_RESTRICT a, const CT *BNCY_RESTRICT b,
+                                         int64_t p0, int64_t p1, const int unit_chan) {
     const int64_t sxc = unit_chan ? 1 : xs.chan, syc = unit_chan ? 1 : ys.chan;
     FN(bncy_pos) qx = FN(pos_at)(p0, sh, xs), qy = FN(pos_at)(p0, sh, ys);
     int64_t p, c;
@@ -445,7 +443,7 @@ BNCY_INLINE void FN(rows_normalize_impl)(const T *x, bncy_strides xs, T *y, bncy
         T *yr = y + qy.off;
         BNCY_IVDEP for (c = 0; c < sh.chan; c++) {
             const CT v = LOAD(xr + c * sxc);
-            STORE(yr + c * syc, ((v - hi[c]) - lo[c]) * a[c] + b[c]);
+            STORE(yr + c * syc, (v - hi[c]) * a[c] + b[c]);
         }
         FN(pos_next)(&qx, sh, xs);
         FN(pos_next)(&qy, sh, ys);
@@ -453,76 +451,56 @@ BNCY_INLINE void FN(rows_normalize_impl)(const T *x, bncy_strides xs, T *y, bncy
 }
 
 BNCY_INLINE void FN(plane_normalize_impl)(const T *xp, int64_t sxi, T *yp, int64_t syi,
-                                          int64_t n, CT hi, CT lo, CT a, CT b) {
+                                          int64_t n, CT hi, CT a, CT b) {
     int64_t i;
     BNCY_IVDEP for (i = 0; i < n; i++) {
         const CT v = LOAD(xp + i * sxi);
-        STORE(yp + i * syi, ((v - hi) - lo) * a + b);
+        STORE(yp + i * syi, (v - hi) * a + b);
     }
 }
 
-static int FN(normalize_consts)(const T *x, bncy_strides xs, T *y, bncy_strides ys,
-                                bncy_shape sh, const FN(bncy_chan_consts) * k, int n_threads) {
+int FN(bncy_normalize)(const T *x, bncy_strides xs, T *y, bncy_strides ys, bncy_shape sh,
+                       const double *mean, const double *scale, const double *shift,
+                       int n_threads) {
     const int64_t C = sh.chan, M = sh.outer * sh.inner;
-    const int family = bncy_choose_family(sh, xs);
     const int nt = bncy_threads_for(M * C, n_threads);
+    CT *hi, *a, *b;
     int64_t u;
+    if (sh.outer < 0 || sh.chan < 0 || sh.inner < 0) return BNCY_ERR_ARG;
     if (M == 0 || C == 0) return BNCY_OK;
-    if (family == BNCY_ROWS) {
+    hi = (CT *)malloc((size_t)(3 * C) * sizeof(CT));
+    if (!hi) return BNCY_ERR_NOMEM;
+    a = hi + C;
+    b = hi + 2 * C;
+    FN(make_consts)(hi, a, b, C, mean, scale, shift);
+    if (bncy_choose_family(sh, xs) == BNCY_ROWS) {
         const int64_t rows = bncy_max64(1, BNCY_ELEM_BLOCK / C), n_units = bncy_cdiv(M, rows);
         const int unit = xs.chan == 1 && ys.chan == 1;
-        CT *arr = (CT *)malloc((size_t)(4 * C) * sizeof(CT));
-        int64_t c;
-        if (!arr) return BNCY_ERR_NOMEM;
-        for (c = 0; c < C; c++) {
-            arr[c] = k[c].hi;
-            arr[C + c] = k[c].lo;
-            arr[2 * C + c] = k[c].a;
-            arr[3 * C + c] = k[c].b;
-        }
         BNCY_PARALLEL_FOR(nt, u, n_units, {
             const int64_t p0 = u * rows, p1 = bncy_min64(M, p0 + rows);
             if (unit)
-                FN(rows_normalize_impl)(x, xs, y, ys, sh, arr, arr + C, arr + 2 * C, arr + 3 * C,
-                                        p0, p1, 1);
+                FN(rows_normalize_impl)(x, xs, y, ys, sh, hi, a, b, p0, p1, 1);
             else
-                FN(rows_normalize_impl)(x, xs, y, ys, sh, arr, arr + C, arr + 2 * C, arr + 3 * C,
-                                        p0, p1, 0);
+                FN(rows_normalize_impl)(x, xs, y, ys, sh, hi, a, b, p0, p1, 0);
         });
-        free(arr);
     } else {
         /* units: (o, c, block of the inner dim) */
         const int64_t blk = BNCY_ELEM_BLOCK, nb = bncy_cdiv(sh.inner, blk);
         const int64_t n_units = sh.outer * C * nb;
         const int unit = xs.inner == 1 && ys.inner == 1;
         BNCY_PARALLEL_FOR(nt, u, n_units, {
-            const int64_t b = u % nb, oc = u / nb, c = oc % C, o = oc / C;
-            const int64_t i0 = b * blk, n = bncy_min64(blk, sh.inner - i0);
+            const int64_t bi = u % nb, oc = u / nb, c = oc % C, o = oc / C;
+            const int64_t i0 = bi * blk, n = bncy_min64(blk, sh.inner - i0);
             const T *xp = x + o * xs.outer + c * xs.chan + i0 * xs.inner;
             T *yp = y + o * ys.outer + c * ys.chan + i0 * ys.inner;
             if (unit)
-                FN(plane_normalize_impl)(xp, 1, yp, 1, n, k[c].hi, k[c].lo, k[c].a, k[c].b);
+                FN(plane_normalize_impl)(xp, 1, yp, 1, n, hi[c], a[c], b[c]);
             else
-                FN(plane_normalize_impl)(xp, xs.inner, yp, ys.inner, n, k[c].hi, k[c].lo, k[c].a,
-                                         k[c].b);
+                FN(plane_normalize_impl)(xp, xs.inner, yp, ys.inner, n, hi[c], a[c], b[c]);
         });
     }
+    free(hi);
     return BNCY_OK;
-}
-
-int FN(bncy_normalize)(const T *x, bncy_strides xs, T *y, bncy_strides ys, bncy_shape sh,
-                       const double *mean, const double *scale, const double *shift,
-                       int n_threads) {
-    FN(bncy_chan_consts) * k;
-    int status;
-    if (sh.outer < 0 || sh.chan < 0 || sh.inner < 0) return BNCY_ERR_ARG;
-    if (sh.chan == 0) return BNCY_OK;
-    k = (FN(bncy_chan_consts) *)malloc((size_t)sh.chan * sizeof *k);
-    if (!k) return BNCY_ERR_NOMEM;
-    FN(make_consts)(k, sh.chan, mean, scale, shift);
-    status = FN(normalize_consts)(x, xs, y, ys, sh, k, n_threads);
-    free(k);
-    return status;
 }
 
 /* scale = gamma / sqrt(var + eps), shift = beta, in double. */
@@ -675,14 +653,14 @@ static int FN(grad_sums)(const T *dy, bncy_strides dys, const T *x, bncy_strides
 
 /* Elementwise dx; A/B/K/hi/lo are per-channel arrays in the compute type. */
 typedef struct {
-    const CT *A, *B, *K, *hi, *lo;
+    const CT *A, *B, *K, *hi;
 } FN(bncy_grad_consts);
 
 BNCY_INLINE CT FN(dx_value)(CT g, CT v, CT w, int64_t c, FN(bncy_grad_consts) k,
                             const int training, const int has_mask) {
     if (!training) return k.A[c] * g;
     {
-        const CT t = k.B[c] + ((v - k.hi[c]) - k.lo[c]) * k.K[c];
+        const CT t = k.B[c] + (v - k.hi[c]) * k.K[c];
         return k.A[c] * g - (has_mask ? w * t : t);
     }
 }
@@ -800,23 +778,25 @@ int FN(bncy_grad_input)(const T *dy, bncy_strides dys, const T *x, bncy_strides 
     int64_t c;
     if (sh.outer < 0 || sh.chan < 0 || sh.inner < 0) return BNCY_ERR_ARG;
     if (C == 0 || M == 0) return BNCY_OK;
-    arr = (CT *)malloc((size_t)(5 * C) * sizeof(CT));
+    arr = (CT *)malloc((size_t)(4 * C) * sizeof(CT));
     if (!arr) return BNCY_ERR_NOMEM;
     for (c = 0; c < C; c++) {
         const double inv = 1.0 / sqrt(var[c] + eps);
         const double g = gamma ? gamma[c] : 1.0;
         const CT hi = (CT)mean[c];
+        const double lo = mean[c] - (double)hi;
+        const double kk = training ? g * inv * inv * inv * sdyx[c] / wtotal : 0.0;
+        const double bb = training ? g * inv * sdy[c] / wtotal : 0.0;
         arr[c] = (CT)(g * inv);
-        arr[C + c] = training ? (CT)(g * inv * sdy[c] / wtotal) : (CT)0;
-        arr[2 * C + c] = training ? (CT)(g * inv * inv * inv * sdyx[c] / wtotal) : (CT)0;
+        /* (x - mean) * K = (x - hi) * K - lo * K: the lo part is folded into B in double */
+        arr[C + c] = (CT)(bb - (lo != 0.0 ? lo * kk : 0.0));
+        arr[2 * C + c] = (CT)kk;
         arr[3 * C + c] = hi;
-        arr[4 * C + c] = (CT)(mean[c] - (double)hi);
     }
     k.A = arr;
     k.B = arr + C;
     k.K = arr + 2 * C;
     k.hi = arr + 3 * C;
-    k.lo = arr + 4 * C;
     FN(dx_pass)(dy, dys, x, xs, dx, dxs, sh, mask, k, training, n_threads);
     free(arr);
     return BNCY_OK;
