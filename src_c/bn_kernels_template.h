@@ -338,6 +338,26 @@ static void FN(planes_stats_unit)(const T *x, bncy_strides xs, bncy_shape sh, co
     }
 }
 
+/* Unit u of the statistics: (group, channel block) for rows, a group for planes. Writes its
+   partials into part = [w | mean | m2], each G x C, g-major. */
+static BNCY_NOINLINE void FN(stats_unit)(const T *x, bncy_strides xs, bncy_shape sh,
+                                         const CT *mask, const bncy_plan *plan, double *part,
+                                         int64_t u) {
+    const int64_t G = plan->n_groups, C = sh.chan, g = u % G, blk = u / G;
+    const int64_t p0 = g * plan->group_len, p1 = bncy_min64(plan->M, p0 + plan->group_len);
+    double *pw = part, *pm = part + G * C, *pm2 = part + 2 * G * C;
+    if (plan->family == BNCY_ROWS) {
+        const int64_t c0 = blk * plan->cblock, nc = bncy_min64(plan->cblock, C - c0);
+        double gw;
+        int64_t c;
+        FN(rows_stats_unit)(x, xs, sh, mask, p0, p1, c0, nc, &gw, pm + g * C + c0,
+                            pm2 + g * C + c0);
+        for (c = 0; c < nc; c++) pw[g * C + c0 + c] = gw;
+    } else {
+        FN(planes_stats_unit)(x, xs, sh, mask, p0, p1, pw + g * C, pm + g * C, pm2 + g * C);
+    }
+}
+
 /* Partial statistics of every channel: total weight w, mean and sum of squared deviations m2
    (w = 0, mean = m2 = 0 for a channel with no weight). */
 int FN(bncy_moments_partial)(const T *x, bncy_strides xs, bncy_shape sh, const CT *mask,
@@ -357,20 +377,7 @@ int FN(bncy_moments_partial)(const T *x, bncy_strides xs, bncy_shape sh, const C
     part = (double *)malloc((size_t)(3 * G * C) * sizeof(double)); /* [w | mean | m2], g-major */
     if (!part) return BNCY_ERR_NOMEM;
     nt = bncy_threads_for(plan.M * C, n_threads);
-    BNCY_PARALLEL_FOR(nt, u, plan.n_units, {
-        const int64_t g = u % G, blk = u / G;
-        const int64_t p0 = g * plan.group_len, p1 = bncy_min64(plan.M, p0 + plan.group_len);
-        double *pw = part, *pm = part + G * C, *pm2 = part + 2 * G * C;
-        if (plan.family == BNCY_ROWS) {
-            const int64_t c0 = blk * plan.cblock, nc = bncy_min64(plan.cblock, C - c0);
-            double gw;
-            FN(rows_stats_unit)(x, xs, sh, mask, p0, p1, c0, nc, &gw, pm + g * C + c0,
-                                pm2 + g * C + c0);
-            for (c = 0; c < nc; c++) pw[g * C + c0 + c] = gw;
-        } else {
-            FN(planes_stats_unit)(x, xs, sh, mask, p0, p1, pw + g * C, pm + g * C, pm2 + g * C);
-        }
-    });
+    BNCY_PARALLEL_FOR(nt, u, plan.n_units, { FN(stats_unit)(x, xs, sh, mask, &plan, part, u); });
     for (c = 0; c < C; c++) {
         double w = 0.0, m = 0.0, m2 = 0.0;
         int64_t g;
@@ -459,6 +466,34 @@ BNCY_INLINE void FN(plane_normalize_impl)(const T *xp, int64_t sxi, T *yp, int64
     }
 }
 
+/* The units of the parallel loops are out-of-line functions: an OpenMP region's outlined body
+   may not carry the ISA attributes of its enclosing function (clang), and the serial and parallel
+   paths must run the same machine code for results not to depend on the thread count. */
+static BNCY_NOINLINE void FN(rows_normalize_unit)(const T *x, bncy_strides xs, T *y,
+                                                  bncy_strides ys, bncy_shape sh, const CT *hi,
+                                                  const CT *a, const CT *b, int64_t p0,
+                                                  int64_t p1, int unit) {
+    if (unit)
+        FN(rows_normalize_impl)(x, xs, y, ys, sh, hi, a, b, p0, p1, 1);
+    else
+        FN(rows_normalize_impl)(x, xs, y, ys, sh, hi, a, b, p0, p1, 0);
+}
+
+/* unit u of (o, c, block of BNCY_ELEM_BLOCK along the inner dim), nb blocks per plane */
+static BNCY_NOINLINE void FN(plane_normalize_unit)(const T *x, bncy_strides xs, T *y,
+                                                   bncy_strides ys, bncy_shape sh, const CT *hi,
+                                                   const CT *a, const CT *b, int64_t u,
+                                                   int64_t nb, int unit) {
+    const int64_t bi = u % nb, oc = u / nb, c = oc % sh.chan, o = oc / sh.chan;
+    const int64_t i0 = bi * BNCY_ELEM_BLOCK, n = bncy_min64(BNCY_ELEM_BLOCK, sh.inner - i0);
+    const T *xp = x + o * xs.outer + c * xs.chan + i0 * xs.inner;
+    T *yp = y + o * ys.outer + c * ys.chan + i0 * ys.inner;
+    if (unit)
+        FN(plane_normalize_impl)(xp, 1, yp, 1, n, hi[c], a[c], b[c]);
+    else
+        FN(plane_normalize_impl)(xp, xs.inner, yp, ys.inner, n, hi[c], a[c], b[c]);
+}
+
 int FN(bncy_normalize)(const T *x, bncy_strides xs, T *y, bncy_strides ys, bncy_shape sh,
                        const double *mean, const double *scale, const double *shift,
                        int n_threads) {
@@ -477,11 +512,8 @@ int FN(bncy_normalize)(const T *x, bncy_strides xs, T *y, bncy_strides ys, bncy_
         const int64_t rows = bncy_max64(1, BNCY_ELEM_BLOCK / C), n_units = bncy_cdiv(M, rows);
         const int unit = xs.chan == 1 && ys.chan == 1;
         BNCY_PARALLEL_FOR(nt, u, n_units, {
-            const int64_t p0 = u * rows, p1 = bncy_min64(M, p0 + rows);
-            if (unit)
-                FN(rows_normalize_impl)(x, xs, y, ys, sh, hi, a, b, p0, p1, 1);
-            else
-                FN(rows_normalize_impl)(x, xs, y, ys, sh, hi, a, b, p0, p1, 0);
+            const int64_t p0 = u * rows;
+            FN(rows_normalize_unit)(x, xs, y, ys, sh, hi, a, b, p0, bncy_min64(M, p0 + rows), unit);
         });
     } else {
         /* units: (o, c, block of the inner dim) */
@@ -489,14 +521,7 @@ int FN(bncy_normalize)(const T *x, bncy_strides xs, T *y, bncy_strides ys, bncy_
         const int64_t n_units = sh.outer * C * nb;
         const int unit = xs.inner == 1 && ys.inner == 1;
         BNCY_PARALLEL_FOR(nt, u, n_units, {
-            const int64_t bi = u % nb, oc = u / nb, c = oc % C, o = oc / C;
-            const int64_t i0 = bi * blk, n = bncy_min64(blk, sh.inner - i0);
-            const T *xp = x + o * xs.outer + c * xs.chan + i0 * xs.inner;
-            T *yp = y + o * ys.outer + c * ys.chan + i0 * ys.inner;
-            if (unit)
-                FN(plane_normalize_impl)(xp, 1, yp, 1, n, hi[c], a[c], b[c]);
-            else
-                FN(plane_normalize_impl)(xp, xs.inner, yp, ys.inner, n, hi[c], a[c], b[c]);
+            FN(plane_normalize_unit)(x, xs, y, ys, sh, hi, a, b, u, nb, unit);
         });
     }
     free(hi);
@@ -597,6 +622,33 @@ BNCY_INLINE void FN(planes_grad_sums_impl)(const T *dy, bncy_strides dys, const 
     *sdyx_out = FN(lanes_total)(b);
 }
 
+/* Unit u of backward pass 1; part = [sum dy | sum dy*(x-mean)], each G x C, g-major. */
+static BNCY_NOINLINE void FN(grad_sums_unit)(const T *dy, bncy_strides dys, const T *x,
+                                             bncy_strides xs, bncy_shape sh, const double *mean,
+                                             const bncy_plan *plan, double *part, int64_t u) {
+    const int64_t G = plan->n_groups, C = sh.chan, g = u % G, blk = u / G;
+    const int64_t p0 = g * plan->group_len, p1 = bncy_min64(plan->M, p0 + plan->group_len);
+    if (plan->family == BNCY_ROWS) {
+        const int64_t c0 = blk * plan->cblock, nc = bncy_min64(plan->cblock, C - c0);
+        if (xs.chan == 1 && dys.chan == 1)
+            FN(rows_grad_sums_impl)(dy, dys, x, xs, sh, mean, p0, p1, c0, nc, part + g * C + c0,
+                                    part + (G + g) * C + c0, 1);
+        else
+            FN(rows_grad_sums_impl)(dy, dys, x, xs, sh, mean, p0, p1, c0, nc, part + g * C + c0,
+                                    part + (G + g) * C + c0, 0);
+    } else {
+        int64_t ch;
+        for (ch = 0; ch < C; ch++) {
+            if (xs.inner == 1 && dys.inner == 1)
+                FN(planes_grad_sums_impl)(dy, dys, x, xs, sh, mean[ch], p0, p1, ch,
+                                          part + g * C + ch, part + (G + g) * C + ch, 1);
+            else
+                FN(planes_grad_sums_impl)(dy, dys, x, xs, sh, mean[ch], p0, p1, ch,
+                                          part + g * C + ch, part + (G + g) * C + ch, 0);
+        }
+    }
+}
+
 static int FN(grad_sums)(const T *dy, bncy_strides dys, const T *x, bncy_strides xs,
                          bncy_shape sh, const double *mean, double *sdy, double *sdyx,
                          int n_threads) {
@@ -614,29 +666,8 @@ static int FN(grad_sums)(const T *dy, bncy_strides dys, const T *x, bncy_strides
     part = (double *)malloc((size_t)(2 * G * C) * sizeof(double));
     if (!part) return BNCY_ERR_NOMEM;
     nt = bncy_threads_for(plan.M * C, n_threads);
-    BNCY_PARALLEL_FOR(nt, u, plan.n_units, {
-        const int64_t g = u % G, blk = u / G;
-        const int64_t p0 = g * plan.group_len, p1 = bncy_min64(plan.M, p0 + plan.group_len);
-        if (plan.family == BNCY_ROWS) {
-            const int64_t c0 = blk * plan.cblock, nc = bncy_min64(plan.cblock, C - c0);
-            if (xs.chan == 1 && dys.chan == 1)
-                FN(rows_grad_sums_impl)(dy, dys, x, xs, sh, mean, p0, p1, c0, nc,
-                                        part + g * C + c0, part + (G + g) * C + c0, 1);
-            else
-                FN(rows_grad_sums_impl)(dy, dys, x, xs, sh, mean, p0, p1, c0, nc,
-                                        part + g * C + c0, part + (G + g) * C + c0, 0);
-        } else {
-            int64_t ch;
-            for (ch = 0; ch < C; ch++) {
-                if (xs.inner == 1 && dys.inner == 1)
-                    FN(planes_grad_sums_impl)(dy, dys, x, xs, sh, mean[ch], p0, p1, ch,
-                                              part + g * C + ch, part + (G + g) * C + ch, 1);
-                else
-                    FN(planes_grad_sums_impl)(dy, dys, x, xs, sh, mean[ch], p0, p1, ch,
-                                              part + g * C + ch, part + (G + g) * C + ch, 0);
-            }
-        }
-    });
+    BNCY_PARALLEL_FOR(nt, u, plan.n_units,
+                      { FN(grad_sums_unit)(dy, dys, x, xs, sh, mean, &plan, part, u); });
     for (c = 0; c < C; c++) {
         double a = 0.0, b = 0.0;
         int64_t g;
@@ -701,49 +732,66 @@ BNCY_INLINE void FN(plane_dx_impl)(const T *dp, int64_t sdi, const T *xp, int64_
     }
 }
 
+static BNCY_NOINLINE void FN(rows_dx_unit)(const T *dy, bncy_strides dys, const T *x,
+                                           bncy_strides xs, T *dx, bncy_strides dxs,
+                                           bncy_shape sh, const CT *mask,
+                                           const FN(bncy_grad_consts) * k, int64_t p0, int64_t p1,
+                                           int training, int unit) {
+    if (!unit)
+        FN(rows_dx_impl)(dy, dys, x, xs, dx, dxs, sh, mask, *k, p0, p1, training, mask != NULL,
+                         0);
+    else if (!training)
+        FN(rows_dx_impl)(dy, dys, x, xs, dx, dxs, sh, NULL, *k, p0, p1, 0, 0, 1);
+    else if (mask)
+        FN(rows_dx_impl)(dy, dys, x, xs, dx, dxs, sh, mask, *k, p0, p1, 1, 1, 1);
+    else
+        FN(rows_dx_impl)(dy, dys, x, xs, dx, dxs, sh, NULL, *k, p0, p1, 1, 0, 1);
+}
+
+/* unit u of (o, c, block of BNCY_ELEM_BLOCK along the inner dim), nb blocks per plane */
+static BNCY_NOINLINE void FN(plane_dx_unit)(const T *dy, bncy_strides dys, const T *x,
+                                            bncy_strides xs, T *dx, bncy_strides dxs,
+                                            bncy_shape sh, const CT *mask,
+                                            const FN(bncy_grad_consts) * k, int64_t u, int64_t nb,
+                                            int training, int unit) {
+    const int64_t b = u % nb, oc = u / nb, c = oc % sh.chan, o = oc / sh.chan;
+    const int64_t i0 = b * BNCY_ELEM_BLOCK, n = bncy_min64(BNCY_ELEM_BLOCK, sh.inner - i0);
+    const T *dp = dy + o * dys.outer + c * dys.chan + i0 * dys.inner;
+    const T *xp = x + o * xs.outer + c * xs.chan + i0 * xs.inner;
+    T *op = dx + o * dxs.outer + c * dxs.chan + i0 * dxs.inner;
+    const CT *wp = mask ? mask + o * sh.inner + i0 : NULL;
+    if (!training)
+        FN(plane_dx_impl)(dp, dys.inner, xp, xs.inner, op, dxs.inner, NULL, n, c, *k, 0, 0);
+    else if (unit && mask)
+        FN(plane_dx_impl)(dp, 1, xp, 1, op, 1, wp, n, c, *k, 1, 1);
+    else if (unit)
+        FN(plane_dx_impl)(dp, 1, xp, 1, op, 1, NULL, n, c, *k, 1, 0);
+    else
+        FN(plane_dx_impl)(dp, dys.inner, xp, xs.inner, op, dxs.inner, wp, n, c, *k, 1,
+                          mask != NULL);
+}
+
 static void FN(dx_pass)(const T *dy, bncy_strides dys, const T *x, bncy_strides xs, T *dx,
                         bncy_strides dxs, bncy_shape sh, const CT *mask, FN(bncy_grad_consts) k,
                         int training, int n_threads) {
     const int64_t C = sh.chan, M = sh.outer * sh.inner;
     const int family = bncy_choose_family(sh, xs);
     const int nt = bncy_threads_for(M * C, n_threads);
-    const int has_mask = mask != NULL;
     int64_t u;
     if (family == BNCY_ROWS) {
         const int64_t rows = bncy_max64(1, BNCY_ELEM_BLOCK / C), n_units = bncy_cdiv(M, rows);
         const int unit = xs.chan == 1 && dys.chan == 1 && dxs.chan == 1;
         BNCY_PARALLEL_FOR(nt, u, n_units, {
-            const int64_t p0 = u * rows, p1 = bncy_min64(M, p0 + rows);
-            if (!unit)
-                FN(rows_dx_impl)(dy, dys, x, xs, dx, dxs, sh, mask, k, p0, p1, training,
-                                 has_mask, 0);
-            else if (!training)
-                FN(rows_dx_impl)(dy, dys, x, xs, dx, dxs, sh, NULL, k, p0, p1, 0, 0, 1);
-            else if (has_mask)
-                FN(rows_dx_impl)(dy, dys, x, xs, dx, dxs, sh, mask, k, p0, p1, 1, 1, 1);
-            else
-                FN(rows_dx_impl)(dy, dys, x, xs, dx, dxs, sh, NULL, k, p0, p1, 1, 0, 1);
+            const int64_t p0 = u * rows;
+            FN(rows_dx_unit)(dy, dys, x, xs, dx, dxs, sh, mask, &k, p0, bncy_min64(M, p0 + rows),
+                             training, unit);
         });
     } else {
         const int64_t blk = BNCY_ELEM_BLOCK, nb = bncy_cdiv(sh.inner, blk);
         const int64_t n_units = sh.outer * C * nb;
         const int unit = xs.inner == 1 && dys.inner == 1 && dxs.inner == 1;
         BNCY_PARALLEL_FOR(nt, u, n_units, {
-            const int64_t b = u % nb, oc = u / nb, c = oc % C, o = oc / C;
-            const int64_t i0 = b * blk, n = bncy_min64(blk, sh.inner - i0);
-            const T *dp = dy + o * dys.outer + c * dys.chan + i0 * dys.inner;
-            const T *xp = x + o * xs.outer + c * xs.chan + i0 * xs.inner;
-            T *op = dx + o * dxs.outer + c * dxs.chan + i0 * dxs.inner;
-            const CT *wp = has_mask ? mask + o * sh.inner + i0 : NULL;
-            if (!training)
-                FN(plane_dx_impl)(dp, dys.inner, xp, xs.inner, op, dxs.inner, NULL, n, c, k, 0, 0);
-            else if (unit && has_mask)
-                FN(plane_dx_impl)(dp, 1, xp, 1, op, 1, wp, n, c, k, 1, 1);
-            else if (unit)
-                FN(plane_dx_impl)(dp, 1, xp, 1, op, 1, NULL, n, c, k, 1, 0);
-            else
-                FN(plane_dx_impl)(dp, dys.inner, xp, xs.inner, op, dxs.inner, wp, n, c, k, 1,
-                                  has_mask);
+            FN(plane_dx_unit)(dy, dys, x, xs, dx, dxs, sh, mask, &k, u, nb, training, unit);
         });
     }
 }
