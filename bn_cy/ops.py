@@ -41,6 +41,11 @@ __all__ = [
 # Threads
 # ---------------------------------------------------------------------------------------------
 
+# An empty OMP_NUM_THREADS counts as unset. GNU libgomp ignores it, but LLVM's libomp aborts the
+# process when it initializes; drop it before the first OpenMP call can read it.
+if os.environ.get("OMP_NUM_THREADS") is not None and not os.environ["OMP_NUM_THREADS"].strip():
+    del os.environ["OMP_NUM_THREADS"]
+
 _thread_lock = threading.Lock()
 _global_threads = None  # set by set_num_threads; None = follow OpenMP (OMP_NUM_THREADS, threadpoolctl)
 
