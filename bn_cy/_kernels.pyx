@@ -160,9 +160,36 @@ cdef cnp.ndarray _output(object out, cnp.ndarray like, int axis, bint rev, tuple
                     break
             if not clash:
                 return o
-    o = np.empty((<object>like).shape, (<object>like).dtype, order="F" if rev else "C")
+    o = _empty_like_layout(like, rev)
     _view(o, axis, rev, &sh, st)
     return o
+
+
+cdef cnp.ndarray _empty_like_layout(cnp.ndarray like, bint fortran):
+    """A new array of like's shape and dtype, C order (or F order for the reversed view)."""
+    cdef int t = cnp.PyArray_TYPE(like)
+    if t == cnp.NPY_FLOAT32 or t == cnp.NPY_FLOAT64 or t == cnp.NPY_FLOAT16:
+        return cnp.PyArray_EMPTY(cnp.PyArray_NDIM(like), cnp.PyArray_DIMS(like), t, fortran)
+    return np.empty((<object>like).shape, (<object>like).dtype, order="F" if fortran else "C")
+
+
+cdef cnp.ndarray _vec_empty(Py_ssize_t n):
+    """A new float64 vector (per-channel results of the kernels)."""
+    cdef cnp.npy_intp d = n
+    return cnp.PyArray_EMPTY(1, &d, cnp.NPY_FLOAT64, 0)
+
+
+cdef object _narrow(cnp.ndarray v, bint keep64):
+    """Per-channel float64 results as returned to users: float64 for float64 data, else float32."""
+    if keep64:
+        return v
+    cdef cnp.npy_intp n = cnp.PyArray_DIMS(v)[0], i
+    cdef cnp.ndarray out = cnp.PyArray_EMPTY(1, &n, cnp.NPY_FLOAT32, 0)
+    cdef const double *s = <const double *>cnp.PyArray_DATA(v)
+    cdef float *d = <float *>cnp.PyArray_DATA(out)
+    for i in range(n):
+        d[i] = <float>s[i]
+    return out
 
 
 cdef object _finish(object out, cnp.ndarray written):
@@ -196,15 +223,15 @@ cdef const double *_vec(object v):
 # ---------------------------------------------------------------------------------------------
 
 def moments(cnp.ndarray x, int axis, object mask, int n_threads):
-    """Per-channel weighted mean and population variance, as float64 arrays."""
+    """Per-channel weighted mean and population variance (float64 for float64 x, else float32)."""
     cdef bncy_shape sh
     cdef bncy_strides xs
     cdef bint rev = _choose_reversed(x, axis)
     cdef list keep = []
     x = _input(x, axis, rev, &sh, &xs)
     cdef const void *w = _mask_ptr(mask, rev, keep)
-    cdef cnp.ndarray mean = np.empty(sh.chan, np.float64)
-    cdef cnp.ndarray var = np.empty(sh.chan, np.float64)
+    cdef cnp.ndarray mean = _vec_empty(sh.chan)
+    cdef cnp.ndarray var = _vec_empty(sh.chan)
     cdef double *pm = <double *>cnp.PyArray_DATA(mean)
     cdef double *pv = <double *>cnp.PyArray_DATA(var)
     cdef const void *px = cnp.PyArray_DATA(x)
@@ -222,7 +249,7 @@ def moments(cnp.ndarray x, int axis, object mask, int n_threads):
             status = bncy_moments_bf16(<const bncy_bfloat16 *>px, xs, sh, <const float *>w, pm,
                                        pv, n_threads)
     _check(status)
-    return mean, var
+    return _narrow(mean, kind == KIND_F64), _narrow(var, kind == KIND_F64)
 
 
 def batch_norm(cnp.ndarray x, int axis, object out, object mean, object var, object gamma,
@@ -259,7 +286,7 @@ def batch_norm(cnp.ndarray x, int axis, object out, object mean, object var, obj
 
 def batch_norm_train(cnp.ndarray x, int axis, object out, object mask, object gamma,
                      object beta, double eps, int n_threads):
-    """Fused training forward; returns (y, mean, var) with float64 statistics."""
+    """Fused training forward; returns (y, mean, var), statistics as in moments()."""
     cdef bncy_shape sh
     cdef bncy_strides xs, ys
     cdef bint rev = _choose_reversed(x, axis)
@@ -267,8 +294,8 @@ def batch_norm_train(cnp.ndarray x, int axis, object out, object mask, object ga
     x = _input(x, axis, rev, &sh, &xs)
     cdef cnp.ndarray y = _output(out, x, axis, rev, (x,), &ys)
     cdef const void *w = _mask_ptr(mask, rev, keep)
-    cdef cnp.ndarray mean = np.empty(sh.chan, np.float64)
-    cdef cnp.ndarray var = np.empty(sh.chan, np.float64)
+    cdef cnp.ndarray mean = _vec_empty(sh.chan)
+    cdef cnp.ndarray var = _vec_empty(sh.chan)
     cdef double *pm = <double *>cnp.PyArray_DATA(mean)
     cdef double *pv = <double *>cnp.PyArray_DATA(var)
     cdef const void *px = cnp.PyArray_DATA(x)
@@ -291,13 +318,13 @@ def batch_norm_train(cnp.ndarray x, int axis, object out, object mask, object ga
                                                 <bncy_bfloat16 *>py, ys, sh, <const float *>w, pg,
                                                 pb, eps, pm, pv, n_threads)
     _check(status)
-    return _finish(out, y), mean, var
+    return _finish(out, y), _narrow(mean, kind == KIND_F64), _narrow(var, kind == KIND_F64)
 
 
 def batch_norm_backward(cnp.ndarray dy, cnp.ndarray x, int axis, object out, object mask,
                         object mean, object var, object gamma, double eps, bint training,
                         int n_threads):
-    """Backward pass; returns (dx, dgamma, dbeta) with float64 parameter gradients."""
+    """Backward pass; returns (dx, dgamma, dbeta), gradients typed as moments() statistics."""
     cdef bncy_shape sh, dsh
     cdef bncy_strides xs, dys, dxs
     cdef bint rev = _choose_reversed(x, axis)
@@ -306,8 +333,8 @@ def batch_norm_backward(cnp.ndarray dy, cnp.ndarray x, int axis, object out, obj
     dy = _input(dy, axis, rev, &dsh, &dys)
     cdef cnp.ndarray dx = _output(out, x, axis, rev, (x, dy), &dxs)
     cdef const void *w = _mask_ptr(mask, rev, keep)
-    cdef cnp.ndarray dgamma = np.empty(sh.chan, np.float64)
-    cdef cnp.ndarray dbeta = np.empty(sh.chan, np.float64)
+    cdef cnp.ndarray dgamma = _vec_empty(sh.chan)
+    cdef cnp.ndarray dbeta = _vec_empty(sh.chan)
     cdef double *pdg = <double *>cnp.PyArray_DATA(dgamma)
     cdef double *pdb = <double *>cnp.PyArray_DATA(dbeta)
     cdef const void *px = cnp.PyArray_DATA(x)
@@ -339,7 +366,8 @@ def batch_norm_backward(cnp.ndarray dy, cnp.ndarray x, int axis, object out, obj
                                                    <const float *>w, pm, pv, pg, eps, train, pdg,
                                                    pdb, n_threads)
     _check(status)
-    return _finish(out, dx), dgamma, dbeta
+    return (_finish(out, dx), _narrow(dgamma, kind == KIND_F64),
+            _narrow(dbeta, kind == KIND_F64))
 
 
 def moments_partial(cnp.ndarray x, int axis, object mask, int n_threads):
@@ -350,9 +378,9 @@ def moments_partial(cnp.ndarray x, int axis, object mask, int n_threads):
     cdef list keep = []
     x = _input(x, axis, rev, &sh, &xs)
     cdef const void *w = _mask_ptr(mask, rev, keep)
-    cdef cnp.ndarray wsum = np.empty(sh.chan, np.float64)
-    cdef cnp.ndarray mean = np.empty(sh.chan, np.float64)
-    cdef cnp.ndarray m2 = np.empty(sh.chan, np.float64)
+    cdef cnp.ndarray wsum = _vec_empty(sh.chan)
+    cdef cnp.ndarray mean = _vec_empty(sh.chan)
+    cdef cnp.ndarray m2 = _vec_empty(sh.chan)
     cdef double *pw = <double *>cnp.PyArray_DATA(wsum)
     cdef double *pm = <double *>cnp.PyArray_DATA(mean)
     cdef double *pm2 = <double *>cnp.PyArray_DATA(m2)
@@ -382,8 +410,8 @@ def grad_sums(cnp.ndarray dy, cnp.ndarray x, int axis, object mean, int n_thread
     cdef bint rev = _choose_reversed(x, axis)
     x = _input(x, axis, rev, &sh, &xs)
     dy = _input(dy, axis, rev, &dsh, &dys)
-    cdef cnp.ndarray sdy = np.empty(sh.chan, np.float64)
-    cdef cnp.ndarray sdyx = np.empty(sh.chan, np.float64)
+    cdef cnp.ndarray sdy = _vec_empty(sh.chan)
+    cdef cnp.ndarray sdyx = _vec_empty(sh.chan)
     cdef double *p1 = <double *>cnp.PyArray_DATA(sdy)
     cdef double *p2 = <double *>cnp.PyArray_DATA(sdyx)
     cdef const void *px = cnp.PyArray_DATA(x)

@@ -57,10 +57,13 @@ def _core_count():
         return os.cpu_count() or 1
 
 
+_OPENMP = _kernels.openmp_enabled()
+
+
 def _default_threads():
     if _global_threads is not None:
         return _global_threads
-    if _kernels.openmp_enabled():
+    if _OPENMP:
         # The OpenMP runtime reads OMP_NUM_THREADS and is what threadpoolctl limits.
         return max(1, _kernels.omp_max_threads())
     return 1
@@ -153,12 +156,12 @@ def _as_data(x, name):
     )
 
 
-def _stat_dtype(dt):
-    return np.dtype(np.float64) if dt == np.float64 else np.dtype(np.float32)
+_F32 = np.dtype(np.float32)
+_F64 = np.dtype(np.float64)
 
 
 def _compute_dtype(dt):
-    return np.dtype(np.float64) if dt == np.float64 else np.dtype(np.float32)
+    return _F64 if dt.type is np.float64 else _F32
 
 
 def _check_axis(axis, ndim, name="axis"):
@@ -274,10 +277,10 @@ def _check_out(out, shape, dtype):
 
 
 def _stats(mean64, var64, dt):
-    sd = _stat_dtype(dt)
-    if sd == np.float64:
+    """float64 statistics computed in Python (synchronized calls) typed like the kernels'."""
+    if dt.type is np.float64:
         return mean64, var64
-    return mean64.astype(sd), var64.astype(sd)
+    return mean64.astype(_F32), var64.astype(_F32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,10 +304,8 @@ def moments(x, axis=-1, *, mask=None, n_threads=None, synchronized=False, comm=N
     w = _mask_weights(mask, x, ax, _compute_dtype(x.dtype), rescale=comm is None)
     nt = _resolve_threads(n_threads)
     if comm is not None:
-        mean, var = _synced_stats(x, ax, w, nt, comm)
-    else:
-        mean, var = _kernels.moments(x, ax, w, nt)
-    return _stats(mean, var, x.dtype)
+        return _stats(*_synced_stats(x, ax, w, nt, comm), x.dtype)
+    return _kernels.moments(x, ax, w, nt)
 
 
 def batch_norm(x, mean, variance, gamma=None, beta=None, *, axis=-1, epsilon=1e-3, out=None,
@@ -356,10 +357,8 @@ def batch_norm_train(x, gamma=None, beta=None, *, axis=-1, epsilon=1e-3, mask=No
     if comm is not None:
         mean, var = _synced_stats(x, ax, w, nt, comm)
         y = _kernels.batch_norm(x, ax, out, mean, var, g, b, eps, nt)
-    else:
-        y, mean, var = _kernels.batch_norm_train(x, ax, out, w, g, b, eps, nt)
-    mean, var = _stats(mean, var, x.dtype)
-    return y, mean, var
+        return (y,) + _stats(mean, var, x.dtype)
+    return _kernels.batch_norm_train(x, ax, out, w, g, b, eps, nt)
 
 
 def batch_norm_backward(dy, x, mean, variance, gamma=None, *, axis=-1, epsilon=1e-3, mask=None,
@@ -409,9 +408,5 @@ def batch_norm_backward(dy, x, mean, variance, gamma=None, *, axis=-1, epsilon=1
         dx = _kernels.grad_input(dy, x, ax, out, w, m, v, g, eps, True, wtot, sdy_all, sdyx_all, nt)
         with np.errstate(invalid="ignore"):
             dgamma = sdyx / np.sqrt(v + eps) if x.size else np.zeros(c)
-        dbeta = sdy
-    else:
-        dx, dgamma, dbeta = _kernels.batch_norm_backward(dy, x, ax, out, w, m, v, g, eps,
-                                                         bool(training), nt)
-    dgamma, dbeta = _stats(dgamma, dbeta, x.dtype)
-    return dx, dgamma, dbeta
+        return (dx,) + _stats(dgamma, sdy, x.dtype)
+    return _kernels.batch_norm_backward(dy, x, ax, out, w, m, v, g, eps, bool(training), nt)
