@@ -83,6 +83,21 @@ static double FN(rows_tile_mean_exact)(const T *xc, const int64_t *offs, const d
     return s / wt;
 }
 
+/* Exact (double) centered sums of one channel of a tile: the fallback when compute-type squares
+   overflowed (|x - mean| beyond ~1e19 in float32). */
+static void FN(rows_tile_dev_exact)(double *s1, double *s2, double mt, const T *xc,
+                                    const int64_t *offs, const double *wr, int64_t nr) {
+    double a = 0.0, b = 0.0;
+    int64_t r;
+    for (r = 0; r < nr; r++) {
+        const double w = wr ? wr[r] : 1.0, d = (double)LOAD(xc + offs[r]) - mt;
+        a += w * d;
+        b += (w * d) * d;
+    }
+    *s1 = a;
+    *s2 = b;
+}
+
 static BNCY_NOINLINE void FN(rows_tile_dev)(double *BNCY_RESTRICT s1, double *BNCY_RESTRICT s2,
                                             const CT *BNCY_RESTRICT mt,
                                             const T *BNCY_RESTRICT xc, int64_t sc,
@@ -184,6 +199,11 @@ static void FN(rows_stats_unit)(const T *x, bncy_strides xs, bncy_shape sh, cons
                                                      nr, wt);
         }
         FN(rows_tile_dev)(s1, s2, mt, xc, xs.chan, offs, mask ? wr : NULL, nr, nc);
+        for (c = 0; c < nc; c++) {
+            if (!isfinite(s2[c]) && isfinite((double)mt[c])) /* squares beyond the CT range */
+                FN(rows_tile_dev_exact)(&s1[c], &s2[c], (double)mt[c], xc + c * xs.chan, offs,
+                                        mask ? wr : NULL, nr);
+        }
         FN(rows_merge_tile)(gmean, gm2, wgroup, s1, s2, mt, wt, nc);
         wgroup += wt;
     }
@@ -241,6 +261,14 @@ BNCY_INLINE void FN(plane_tile_plain)(const T *BNCY_RESTRICT seg, int64_t si, in
     }
     s1 = FN(lanes_total)(b1);
     s2 = FN(lanes_total)(b2);
+    if (!isfinite(s2) && isfinite((double)mt)) { /* squares beyond the CT range: redo in double */
+        s1 = s2 = 0.0;
+        for (k = 0; k < n; k++) {
+            const double d = (double)LOAD(seg + k * si) - (double)mt;
+            s1 += d;
+            s2 += d * d;
+        }
+    }
     m2 = s2 - s1 * (s1 / (double)n);
     *mean_out = (double)mt + s1 / (double)n;
     *m2_out = m2 < 0.0 ? 0.0 : m2;
