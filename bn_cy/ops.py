@@ -192,7 +192,7 @@ def _channel_vector(v, channels, name):
     """A per-channel parameter as a contiguous float64 vector of length `channels`."""
     if v is None:
         return None
-    if type(v) is np.ndarray and v.dtype.type is np.float64 and v.shape == (channels,) \
+    if type(v) is np.ndarray and v.dtype is _F64 and v.shape == (channels,) \
             and v.flags.c_contiguous:
         return v  # the common case, without a copy
     try:
