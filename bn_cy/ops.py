@@ -60,7 +60,26 @@ def _core_count():
 _OPENMP = _kernels.openmp_enabled()
 
 
+# GNU libgomp cannot run a parallel region in a child forked after the parent ran one (the
+# child waits forever for the parent's pool threads, which do not exist there). So a forked
+# child of a process that used threads computes serially: same results, no hang.
+_threads_started = False
+_forked_child = False
+
+
+def _after_fork_in_child():
+    global _forked_child
+    if _threads_started:
+        _forked_child = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _default_threads():
+    if _forked_child:
+        return 1
     if _global_threads is not None:
         return _global_threads
     if _OPENMP:
@@ -79,6 +98,17 @@ def _resolve_threads(n_threads, name="n_threads"):
         raise ValueError("%s must be a positive or negative int, not 0" % name)
     if n < 0:
         n = max(1, _core_count() + 1 + n)
+    return n
+
+
+def _threads_for_call(n_threads):
+    """The thread count of one kernel call (1 in a forked child, see above)."""
+    global _threads_started
+    n = _resolve_threads(n_threads)
+    if _forked_child:
+        return 1
+    if n > 1:
+        _threads_started = True
     return n
 
 
@@ -305,7 +335,7 @@ def moments(x, axis=-1, *, mask=None, n_threads=None, synchronized=False, comm=N
     ax = _check_axis(axis, x.ndim)
     comm = _sync_comm(synchronized, comm)
     w = _mask_weights(mask, x, ax, _compute_dtype(x.dtype), rescale=comm is None)
-    nt = _resolve_threads(n_threads)
+    nt = _threads_for_call(n_threads)
     if comm is not None:
         return _stats(*_synced_stats(x, ax, w, nt, comm), x.dtype)
     return _kernels.moments(x, ax, w, nt)
@@ -332,7 +362,7 @@ def batch_norm(x, mean, variance, gamma=None, beta=None, *, axis=-1, epsilon=1e-
     b = _channel_vector(beta, c, "beta")
     eps = _check_epsilon(epsilon)
     out = _check_out(out, x.shape, x.dtype)
-    nt = _resolve_threads(n_threads)
+    nt = _threads_for_call(n_threads)
     return _kernels.batch_norm(x, ax, out, m, v, g, b, eps, nt)
 
 
@@ -356,7 +386,7 @@ def batch_norm_train(x, gamma=None, beta=None, *, axis=-1, epsilon=1e-3, mask=No
     comm = _sync_comm(synchronized, comm)
     w = _mask_weights(mask, x, ax, _compute_dtype(x.dtype), rescale=comm is None)
     out = _check_out(out, x.shape, x.dtype)
-    nt = _resolve_threads(n_threads)
+    nt = _threads_for_call(n_threads)
     if comm is not None:
         mean, var = _synced_stats(x, ax, w, nt, comm)
         y = _kernels.batch_norm(x, ax, out, mean, var, g, b, eps, nt)
@@ -401,7 +431,7 @@ def batch_norm_backward(dy, x, mean, variance, gamma=None, *, axis=-1, epsilon=1
     if not training:
         w = None  # validated, but constant statistics do not depend on the mask
     out = _check_out(out, x.shape, x.dtype)
-    nt = _resolve_threads(n_threads)
+    nt = _threads_for_call(n_threads)
     if comm is not None:
         from . import distributed
 
