@@ -63,6 +63,8 @@ fi
 EXTRAS="${BN_CY_CI_EXTRAS:-test,mpi,keras-io}"
 step "install bn_cy[$EXTRAS] from source (BN_CY_REQUIRE_OPENMP=${BN_CY_REQUIRE_OPENMP:-unset}, BN_CY_OPENMP=${BN_CY_OPENMP:-unset})"
 "$VPY" -m pip install "$SRC[$EXTRAS]"
+# with the mpi extra installed, the mpiexec tests must run: a missing MPI fails them, never skips
+[[ ",$EXTRAS," == *",mpi,"* ]] && export BN_CY_REQUIRE_MPI=1
 
 # Tests run from here: the copied tests/, benchmarks/ and pyproject.toml (for pytest's
 # configuration) and no bn_cy/ directory, so `import bn_cy` can only find the installed package.
