@@ -18,6 +18,8 @@ from .ops import (
     openmp_enabled,
     set_num_threads,
 )
+from .folding import fold_into_conv, fold_into_dense
+from .keras_io import load_keras_layers
 from .layer import BatchNormalization
 
 __all__ = [
@@ -31,4 +33,7 @@ __all__ = [
     "openmp_enabled",
     "build_info",
     "BatchNormalization",
+    "fold_into_dense",
+    "fold_into_conv",
+    "load_keras_layers",
 ]

@@ -34,9 +34,26 @@ Deliberate differences from Keras (each for a reason):
   :class:`ArgumentTypeError`, which is both a TypeError and a ValueError (Keras raises ValueError
   for several of these; NumPy's AxisError is both a ValueError and an IndexError for the same
   reason).
-* ``synchronized=True`` is accepted on every backend (Keras rejects it outside TensorFlow). In a
-  single process it behaves exactly like ``synchronized=False``; cross-process statistics are not
-  implemented yet (no MPI is imported).
+* ``synchronized=True`` is accepted on every backend (Keras supports it on TensorFlow only) and
+  synchronizes over MPI: a training call computes the statistics of the global batch of every
+  rank of ``layer.communicator`` (None: ``MPI.COMM_WORLD``; any mpi4py communicator, not part
+  of the config, not pickled or saved), with one collective per call, bitwise the same on
+  every rank, so the moving averages stay identical; ``backward`` after such a call is
+  synchronized too (one more collective; every rank must call it) and gives each rank its own
+  contribution to the gamma/beta gradients. Both mask rules work (Keras's per-channel rule for
+  a non-last axis merges per-channel counts over the ranks). With one process it is the local
+  computation, bitwise. mpi4py is imported on the first synchronized training call only;
+  without it that call raises ImportError ("pip install 'bn_cy[mpi]'"); construction and
+  inference never need it. Not combinable with ``virtual_batch_size`` over several ranks
+  (NotImplementedError).
+
+bn_cy-only options (absent from get_config while at their defaults, so Keras's config is
+unchanged): ``momentum=None`` (cumulative average, PyTorch's convention),
+``moving_variance_estimator="unbiased"`` (Bessel-corrected moving variance, PyTorch's),
+``skip_nonfinite_updates=True`` (channels with NaN/Inf batch statistics keep their moving
+statistics; ``layer.skipped_updates`` counts such batches), ``virtual_batch_size=k`` (ghost
+batches along axis 0 in training; the moving averages are updated once per group, in order).
+``layer.num_batches_tracked`` counts the moving-average updates. See docs/features.md.
 * The ``"float64"`` policy computes in float64. Keras's torch and JAX backends promote float64
   with float32 to float32 and so compute this policy in float32; Keras on TensorFlow keeps
   float64, as bn_cy does.
@@ -79,6 +96,7 @@ from . import constraints as _constraints
 from . import initializers as _initializers
 from . import regularizers as _regularizers
 from .initializers import _np_dtype
+from . import ops as _ops
 from .ops import batch_norm, batch_norm_backward, batch_norm_train, moments
 
 __all__ = ["BatchNormalization", "DTypePolicy", "ArgumentTypeError", "NoForwardError"]
@@ -327,16 +345,20 @@ _INITIALIZER_KEYS = ("beta_initializer", "gamma_initializer", "moving_mean_initi
                      "moving_variance_initializer")
 _REGULARIZER_KEYS = ("beta_regularizer", "gamma_regularizer")
 _CONSTRAINT_KEYS = ("beta_constraint", "gamma_constraint")
+# bn_cy's own options: in get_config only when they differ from these defaults (Keras parity).
+_EXTRA_DEFAULTS = (("moving_variance_estimator", "biased"), ("skip_nonfinite_updates", False),
+                   ("virtual_batch_size", None))
 _CONFIG_KEYS = frozenset(
     ("name", "trainable", "dtype", "axis", "momentum", "epsilon", "center", "scale",
      "synchronized", "renorm", "renorm_clipping", "renorm_momentum")
     + _INITIALIZER_KEYS + _REGULARIZER_KEYS + _CONSTRAINT_KEYS
+    + tuple(k for k, _ in _EXTRA_DEFAULTS)
 )
 # Keras 2 (tf.keras) BatchNormalization keys, and the values bn_cy can ignore.
 _LEGACY_KEYS = {
     "fused": ((None, True, False),
               "it only chose TensorFlow's fused kernel; the normalization is the same"),
-    "virtual_batch_size": ((None,), "ghost batch normalization is not implemented"),
+    "virtual_batch_size": ((None,), "None means no ghost batches"),
     "adjustment": ((None,), "adjustment functions are not supported"),
 }
 _FILE_FORMAT = "bn_cy.BatchNormalization"
@@ -344,18 +366,23 @@ _FILE_VERSION = 1
 _META_KEY = "bn_cy_meta"
 
 
+_DIRECT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
 class _Forward:
     """What backward() needs from one forward call."""
 
     __slots__ = ("x", "mask_kind", "mask", "mean", "variance", "gamma", "batch_stats",
-                 "counts", "r", "d", "input_dtype")
+                 "counts", "r", "d", "input_dtype", "comm", "groups")
 
     def __init__(self, x, mean, variance, gamma, batch_stats, mask_kind=None, mask=None,
-                 counts=None, r=None, d=None):
+                 counts=None, r=None, d=None, comm=None):
         self.x, self.mean, self.variance, self.gamma = x, mean, variance, gamma
         self.batch_stats, self.mask_kind, self.mask, self.counts = (batch_stats, mask_kind,
                                                                     mask, counts)
         self.r, self.d, self.input_dtype = r, d, None
+        self.comm = comm  # the communicator of a synchronized training call
+        self.groups = None  # ghost batches: one _Forward per group
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,14 +395,14 @@ class BatchNormalization:
 
     Args:
         axis: int, the feature axis that is kept (negative counts from the end).
-        momentum: momentum of the moving averages, in [0, 1].
+        momentum: momentum of the moving averages, in [0, 1]; None: cumulative average.
         epsilon: small float > 0 added to the variance.
         center, scale: whether to add ``beta`` / multiply by ``gamma``.
         beta_initializer, gamma_initializer, moving_mean_initializer,
         moving_variance_initializer: initializers (see :mod:`bn_cy.initializers`).
         beta_regularizer, gamma_regularizer: regularizers (see :mod:`bn_cy.regularizers`).
         beta_constraint, gamma_constraint: constraints (see :mod:`bn_cy.constraints`).
-        synchronized: stored in the config; in a single process it changes nothing.
+        synchronized: training statistics over every rank of ``layer.communicator`` (MPI).
         renorm: use Batch Renormalization (adds moving_stddev, renorm_mean, renorm_stddev).
         renorm_clipping: dict with optional keys "rmax", "rmin", "dmax" clipping r and d.
         renorm_momentum: momentum of renorm_mean and renorm_stddev, in [0, 1].
@@ -383,6 +410,10 @@ class BatchNormalization:
         dtype: dtype policy: "float32" (default), "float64", "mixed_float16", "mixed_bfloat16",
             "float16", "bfloat16", or a serialized / Keras DTypePolicy.
         trainable: False freezes the layer: inference mode, no trainable weights.
+        moving_variance_estimator: "biased" (Keras) or "unbiased" (PyTorch) moving variance.
+        skip_nonfinite_updates: keep moving statistics of channels whose batch statistics are
+            NaN/Inf (counted in ``skipped_updates``).
+        virtual_batch_size: ghost batch normalization in training (groups along axis 0).
 
     Calling ``layer(x, training=None, mask=None)`` returns a NumPy array of the policy's compute
     dtype; ``layer.backward(dy)`` then returns dx and fills ``layer.gradients``.
@@ -393,9 +424,22 @@ class BatchNormalization:
                  moving_mean_initializer="zeros", moving_variance_initializer="ones",
                  beta_regularizer=None, gamma_regularizer=None, beta_constraint=None,
                  gamma_constraint=None, synchronized=False, renorm=False, renorm_clipping=None,
-                 renorm_momentum=0.99, *, name=None, dtype=None, trainable=True):
+                 renorm_momentum=0.99, *, moving_variance_estimator="biased",
+                 skip_nonfinite_updates=False, virtual_batch_size=None, name=None, dtype=None,
+                 trainable=True):
         self.axis = _int_arg(axis, "axis")
-        self.momentum = _fraction_arg(momentum, "momentum")
+        # momentum=None: cumulative average over the batches seen (PyTorch's convention)
+        self.momentum = None if momentum is None else _fraction_arg(momentum, "momentum")
+        if moving_variance_estimator not in ("biased", "unbiased"):
+            raise ValueError('moving_variance_estimator must be "biased" or "unbiased", got %r'
+                             % (moving_variance_estimator,))
+        self.moving_variance_estimator = moving_variance_estimator
+        self.skip_nonfinite_updates = _bool_arg(skip_nonfinite_updates, "skip_nonfinite_updates")
+        if virtual_batch_size is not None:
+            virtual_batch_size = _int_arg(virtual_batch_size, "virtual_batch_size")
+            if virtual_batch_size < 1:
+                raise ValueError("virtual_batch_size must be >= 1, got %d" % virtual_batch_size)
+        self.virtual_batch_size = virtual_batch_size
         self.epsilon = _real_arg(epsilon, "epsilon")
         if self.epsilon <= 0:
             raise ValueError("epsilon must be > 0, got %r" % (epsilon,))
@@ -436,9 +480,18 @@ class BatchNormalization:
         self.gamma = self.beta = self.moving_mean = self.moving_variance = None
         self.moving_stddev = self.renorm_mean = self.renorm_stddev = None
         self.gradients = None
+        self.num_batches_tracked = 0  # training updates of the moving statistics
+        self.skipped_updates = 0  # batches with non-finite statistics (skip_nonfinite_updates)
+        self._communicator = None
+        self._call_cache = None  # (shape, dtype, policy, compute dtype, work dtype, direct)
         self._lock = threading.Lock()
         self._local = threading.local()
         self._last_forward = None
+        if self.renorm and (self.momentum is None or moving_variance_estimator != "biased"
+                            or virtual_batch_size is not None):
+            raise NotImplementedError(
+                "renorm=True works with a float momentum, the biased variance estimator and "
+                "no virtual_batch_size")
 
     # -- properties -----------------------------------------------------------------------
 
@@ -450,6 +503,35 @@ class BatchNormalization:
     @trainable.setter
     def trainable(self, value):
         self._trainable = bool(value)
+
+    @property
+    def communicator(self):
+        """The mpi4py communicator of ``synchronized=True`` training calls.
+
+        None (the default) means ``MPI.COMM_WORLD``; any mpi4py communicator works, including
+        sub-communicators from ``comm.Split``. It is not part of :meth:`get_config` and is
+        not pickled or saved: a restored layer has None again.
+        """
+        return self._communicator
+
+    @communicator.setter
+    def communicator(self, comm):
+        if comm is not None and not (hasattr(comm, "allgather") and hasattr(comm, "Get_rank")
+                                     and hasattr(comm, "Get_size")):
+            raise ArgumentTypeError(
+                "communicator must be an mpi4py communicator or None, got %s"
+                % type(comm).__name__)
+        self._communicator = comm
+
+    def _sync_comm(self):
+        """The communicator of a synchronized training call; None when not synchronized or
+        when it has one process (then the local computation is the same, bitwise)."""
+        if not self.synchronized:
+            return None
+        from . import distributed  # mpi4py is imported here, on the first synchronized call
+
+        comm = distributed.resolve_comm(self._communicator)
+        return None if comm.Get_size() == 1 else comm
 
     @property
     def dtype_policy(self):
@@ -602,26 +684,52 @@ class BatchNormalization:
 
     def __call__(self, inputs, training=None, mask=None):
         """Normalize `inputs`; batch statistics and moving updates iff training and trainable."""
-        x = _to_numpy(inputs)
-        if x.dtype.kind not in "biuf" and not _is_float(x.dtype):
-            raise ArgumentTypeError(
-                "inputs must be a real floating, integer or bool array, got dtype %s" % x.dtype)
-        if x.ndim == 0:
-            raise ValueError("inputs must have at least one dimension, got a 0-d array")
-        if not self.built:
-            self.build(x.shape)
-        self._check_shape(x.shape)
-        cdt = self._dtype_policy._numpy_dtypes()[0]
-        if _is_float(x.dtype):
-            xc = x if x.dtype == cdt else x.astype(cdt)
+        x = inputs if type(inputs) is np.ndarray else _to_numpy(inputs)
+        xdt = x.dtype
+        # The checks below depend only on (shape, dtype, policy): the last answer is cached.
+        cached = self._call_cache
+        if cached is not None and cached[0] == x.shape and cached[1] is xdt \
+                and cached[2] is self._dtype_policy:
+            cdt, wd, direct = self._dtype_policy._np_compute, cached[4], cached[5]
+            xc = x if xdt is cdt else x.astype(cached[3])
         else:
-            xc = x.astype(np.float32)
-        wd = np.dtype(np.float64) if xc.dtype == np.float64 else np.dtype(np.float32)
+            if xdt.kind not in "biuf" and not _is_float(xdt):
+                raise ArgumentTypeError(
+                    "inputs must be a real floating, integer or bool array, got dtype %s" % xdt)
+            if x.ndim == 0:
+                raise ValueError("inputs must have at least one dimension, got a 0-d array")
+            if not self.built:
+                self.build(x.shape)
+            self._check_shape(x.shape)
+            cdt = self._dtype_policy._numpy_dtypes()[0]
+            if _is_float(xdt):
+                xc = x if xdt == cdt else x.astype(cdt)
+            else:
+                xc = x.astype(np.float32)
+            wd = np.dtype(np.float64) if xc.dtype == np.float64 else np.dtype(np.float32)
+            # Hot paths: float32/float64 data of native byte order go to the kernels directly
+            # (the layer has validated everything the ops would), with the per-channel
+            # vectors converted to float64 once: bitwise the results of the ops.
+            direct = xc.dtype in _DIRECT_DTYPES and xc.dtype.isnative
+            self._call_cache = (x.shape, xdt, self._dtype_policy, xc.dtype, wd, direct)
         resolved_mask = None if mask is None else self._resolve_mask(mask, x.shape)
-
         if training and self._trainable:
             with self._lock:
-                y, fwd = self._forward_train(xc, wd, resolved_mask)
+                if direct and resolved_mask is None and not self.renorm \
+                        and not self.synchronized and self.virtual_batch_size is None:
+                    y, fwd = self._direct_train(xc, wd)
+                else:
+                    y, fwd = self._forward_train(xc, wd, resolved_mask)
+        elif direct:
+            f64 = np.float64
+            with self._lock:
+                gamma = self.gamma.astype(f64) if self.scale else None
+                beta = self.beta.astype(f64) if self.center else None
+                mean = self.moving_mean.astype(f64)
+                variance = self.moving_variance.astype(f64)
+            y = _ops._batch_norm_prevalidated(xc, self._axis_index, mean, variance, gamma, beta,
+                                              self.epsilon)
+            fwd = _Forward(x=xc, mean=mean, variance=variance, gamma=gamma, batch_stats=False)
         else:
             with self._lock:
                 params = [None if w is None else w.astype(wd)
@@ -662,22 +770,98 @@ class BatchNormalization:
                        epsilon=self.epsilon)
         return y, _Forward(x=xc, mean=mean, variance=variance, gamma=gamma, batch_stats=False)
 
+    def _direct_train(self, xc, wd):
+        """Unmasked training call without renorm, synchronization or ghost batches: the fused
+        kernel, as :func:`~bn_cy.batch_norm_train` would call it; runs under the lock."""
+        f64 = np.float64
+        gamma = self.gamma.astype(f64) if self.scale else None
+        beta = self.beta.astype(f64) if self.center else None
+        y, mean, variance = _ops._batch_norm_train_prevalidated(
+            xc, self._axis_index, gamma, beta, self.epsilon)
+        # statistics in the work dtype, as the ops return them
+        mean, variance = mean.astype(wd, copy=False), variance.astype(wd, copy=False)
+        mm, mv = self.moving_mean, self.moving_variance
+        if (self.momentum is not None and mm.dtype is wd and mv.dtype is wd
+                and self.moving_variance_estimator == "biased"
+                and not self.skip_nonfinite_updates):
+            # _update_moving's arithmetic, inlined
+            mom, rest = self._momentum_pair(wd)
+            mm *= mom
+            mm += mean * rest
+            mv *= mom
+            mv += variance * rest
+            self.num_batches_tracked += 1
+            return y, _Forward(x=xc, mean=mean, variance=variance, gamma=gamma,
+                               batch_stats=True)
+        counts = None
+        if self.moving_variance_estimator == "unbiased":
+            channels = xc.shape[self._axis_index]
+            counts = np.full(channels, float(xc.size // channels if channels else 0))
+        self._guarded_update(mean, variance,
+                             lambda: self._update_moving(mean, variance, wd, counts))
+        return y, _Forward(x=xc, mean=mean, variance=variance, gamma=gamma, batch_stats=True)
+
     def _forward_train(self, xc, wd, resolved_mask):
         """Training forward and state update; runs under the lock."""
+        comm = self._sync_comm()
+        if self.virtual_batch_size is not None:
+            return self._forward_ghost(xc, wd, resolved_mask, comm)
+        return self._forward_train_one(xc, wd, resolved_mask, comm)
+
+    def _forward_ghost(self, xc, wd, resolved_mask, comm):
+        """Ghost batch normalization: each group of virtual_batch_size samples (along axis 0)
+        is normalized with its own statistics and updates the moving averages, in order."""
+        k = self.virtual_batch_size
+        if self._axis_index == 0:
+            raise ValueError("virtual_batch_size needs the batch axis 0, which is the feature "
+                             "axis of this layer (axis=%d)" % self.axis)
+        if comm is not None:
+            raise NotImplementedError(
+                "virtual_batch_size with synchronized=True over several processes")
+        batch = xc.shape[0]
+        if batch % k:
+            raise ValueError("the batch size %d is not a multiple of virtual_batch_size=%d"
+                             % (batch, k))
+        if batch == k or batch == 0:
+            return self._forward_train_one(xc, wd, resolved_mask, None)
+        ys, groups = [], []
+        for start in range(0, batch, k):
+            part = slice(start, start + k)
+            gmask = None if resolved_mask is None else (resolved_mask[0], resolved_mask[1][part])
+            y, f = self._forward_train_one(xc[part], wd, gmask, None)
+            ys.append(y)
+            groups.append(f)
+        fwd = _Forward(x=xc, mean=None, variance=None, gamma=groups[0].gamma, batch_stats=True)
+        fwd.groups = groups
+        return np.concatenate(ys, axis=0), fwd
+
+    def _forward_train_one(self, xc, wd, resolved_mask, comm):
         ax, eps = self._axis_index, self.epsilon
         gamma = self.gamma.astype(wd) if self.scale else None
         beta = self.beta.astype(wd) if self.center else None
         kind, m = resolved_mask if resolved_mask is not None else (None, None)
-        counts = None
+        counts = None  # per-channel weight of the statistics, where computed
         stats = None  # (mean, variance) when computed outside the fused kernel
-        if kind == "rows":
+        constant = False  # every position masked: the statistics do not depend on x
+        unbiased = self.moving_variance_estimator == "unbiased"
+        if comm is not None:
+            mean, variance, counts, constant = self._synced_moments(xc, kind, m, comm, unbiased)
+            if constant:
+                kind, m = None, None
+            stats = (mean.astype(wd), variance.astype(wd))
+        elif kind == "rows":
             mean, variance, counts = self._row_masked_moments(xc, m, wd)
             stats = (mean, variance)
         elif kind == "positions" and np.count_nonzero(m) == 0:
             # Every position masked: Keras's sum / (0 + 1e-7) gives mean 0 and variance 0.
             stats = (np.zeros(xc.shape[ax], wd), np.zeros(xc.shape[ax], wd))
-            kind, m = None, None
+            kind, m, constant = None, None, True
         batch_mask = m if kind == "positions" else None
+        if unbiased and counts is None:
+            channels = xc.shape[ax]
+            n = (np.count_nonzero(m) if kind == "positions"
+                 else (xc.size // channels if channels else 0))
+            counts = np.full(channels, float(n))
 
         r = d = None
         if not self.renorm:
@@ -689,7 +873,8 @@ class BatchNormalization:
                 y = batch_norm(xc, mean, variance, gamma, beta, axis=ax, epsilon=eps)
             mean, variance = mean.astype(wd, copy=False), variance.astype(wd, copy=False)
             eff_gamma = gamma
-            self._update_moving(mean, variance, wd)
+            self._guarded_update(mean, variance,
+                                 lambda: self._update_moving(mean, variance, wd, counts))
         else:
             if stats is None:
                 mean, variance = moments(xc, axis=ax, mask=batch_mask)
@@ -702,12 +887,50 @@ class BatchNormalization:
             if beta is not None:
                 eff_beta = eff_beta + beta
             y = batch_norm(xc, mean, variance, eff_gamma, eff_beta, axis=ax, epsilon=eps)
-            self._update_renorm(mean, variance, wd)
+            self._guarded_update(mean, variance,
+                                 lambda: self._update_renorm(mean, variance, wd))
         fwd = _Forward(x=xc, mask_kind=kind, mask=m, mean=mean, variance=variance,
-                       gamma=eff_gamma, batch_stats=True, counts=counts, r=r, d=d)
-        if stats is not None and kind is None:
-            fwd.batch_stats = False  # all masked: the statistics do not depend on x
+                       gamma=eff_gamma, batch_stats=not constant, counts=counts, r=r, d=d,
+                       comm=None if constant else comm)
         return y, fwd
+
+    def _synced_moments(self, xc, kind, m, comm, need_counts):
+        """Statistics of the global batch over `comm` (one collective).
+
+        Returns (mean, variance, per-channel weight or None, every position masked on every
+        rank), in float64. Unmasked without counts: the synchronized ops; otherwise each rank's
+        (weight, mean, M2) partials are merged in rank order by :mod:`bn_cy.distributed`.
+        """
+        from . import distributed
+
+        ax = self._axis_index
+        channels = xc.shape[ax]
+        if kind is None and not need_counts:
+            mean, variance = moments(xc, axis=ax, comm=comm)
+            return mean.astype(np.float64), variance.astype(np.float64), None, False
+        if kind == "rows":
+            mean, variance, counts = self._row_masked_moments(xc, m, np.dtype(np.float64))
+            w = counts.astype(np.float64)
+        else:
+            n = np.count_nonzero(m) if kind == "positions" else (
+                xc.size // channels if channels else 0)
+            w = np.full(channels, float(n))
+            if n:
+                mean, variance = moments(xc, axis=ax, mask=m if kind else None)
+            else:
+                mean = variance = np.zeros(channels)
+        has = w > 0
+        mean = np.where(has, np.asarray(mean, np.float64), 0.0)
+        m2 = np.where(has, np.asarray(variance, np.float64) * w, 0.0)
+        wsum, gmean, gm2 = distributed.merge_partials(comm, w, mean, m2)
+        has = wsum > 0
+        with np.errstate(invalid="ignore", divide="ignore"):
+            gvar = gm2 / np.where(has, wsum, 1.0)
+        empty = 0.0 if kind is not None else np.nan  # masked: Keras's 0; empty batch: NaN
+        gmean = np.where(has, gmean, empty)
+        gvar = np.where(has, gvar, empty)
+        constant = kind == "positions" and not has.any()
+        return gmean, gvar, wsum, constant
 
     def _row_masked_moments(self, xc, m, wd):
         """Statistics for Keras's mask rule when the feature axis is not last.
@@ -740,13 +963,53 @@ class BatchNormalization:
         variance[empty] = 0.0
         return mean.astype(wd), variance.astype(wd), counts
 
-    def _update_moving(self, mean, variance, wd):
-        mom = wd.type(self.momentum)
-        rest = wd.type(1.0 - self.momentum)
+    def _moving_names(self):
+        return [n for n in self._weight_names if n not in ("gamma", "beta")]
+
+    def _guarded_update(self, mean, variance, update):
+        """Run `update`; with skip_nonfinite_updates, channels whose batch statistics are not
+        finite keep their moving statistics (and the batch is counted in skipped_updates)."""
+        if self.skip_nonfinite_updates:
+            ok = np.isfinite(mean) & np.isfinite(variance)
+            if not ok.all():
+                self.skipped_updates += 1
+                if not ok.any():
+                    return
+                saved = [(getattr(self, n), getattr(self, n).copy()) for n in self._moving_names()]
+                update()
+                for w, old in saved:
+                    w[~ok] = old[~ok]
+                return
+        update()
+
+    def _momentum_pair(self, wd):
+        """(weight of the old value, weight of the batch value) of this update."""
+        momentum = self.momentum
+        if momentum is None:  # cumulative average: the n-th batch has weight 1/n
+            n = self.num_batches_tracked + 1
+            return wd.type(1.0 - 1.0 / n), wd.type(1.0 / n)
+        cached = self.__dict__.get("_momentum_cache")
+        if cached is not None and cached[0] == momentum and cached[1] is wd:
+            return cached[2], cached[3]
+        pair = wd.type(momentum), wd.type(1.0 - momentum)
+        self._momentum_cache = (momentum, wd) + pair
+        return pair
+
+    def _update_moving(self, mean, variance, wd, counts=None):
+        if self.moving_variance_estimator == "unbiased" and counts is not None:
+            n = np.asarray(counts, np.float64)
+            factor = np.where(n > 1, n / np.maximum(n - 1, 1), 1.0)
+            variance = (variance.astype(np.float64) * factor).astype(wd)
+        mom, rest = self._momentum_pair(wd)
         for moving, batch in ((self.moving_mean, mean), (self.moving_variance, variance)):
-            new = moving.astype(wd, copy=False) * mom  # in the compute dtype, as Keras casts
+            if moving.dtype is wd:  # the same arithmetic, in place
+                moving *= mom
+                moving += batch * rest
+                continue
+            new = moving.astype(wd) * mom  # in the compute dtype, as Keras casts
             new += batch * rest
             moving[...] = new
+        self.num_batches_tracked += 1
 
     def _renorm_correction(self, mean, variance, wd):
         eps = wd.type(self.epsilon)
@@ -778,6 +1041,7 @@ class BatchNormalization:
         new_stddev = self.moving_stddev.astype(wd) * mom + stddev * rest
         self.moving_stddev[...] = new_stddev
         self.moving_variance[...] = np.maximum(new_stddev * new_stddev - eps, 0)
+        self.num_batches_tracked += 1
 
     # -- backward -------------------------------------------------------------------------
 
@@ -788,7 +1052,9 @@ class BatchNormalization:
         layer) and includes the regularizers' gradients. A training-mode call differentiates
         through the batch statistics (masked positions excluded from them); an inference-mode
         call treats the moving statistics as constants; renorm's r and d are constants.
-        dx has the dtype of the call's input (float32 for integer input).
+        dx has the dtype of the call's input (float32 for integer input). After a synchronized
+        training call, dx is that of the global batch (one collective: every rank must call
+        backward) and the gradients are this rank's contributions (sum them over the ranks).
         """
         fwd = getattr(self._local, "forward", None) or self._last_forward
         if fwd is None:
@@ -800,40 +1066,58 @@ class BatchNormalization:
         if dy.shape != x.shape:
             raise ValueError("dy must have the shape of the layer's output %s, got %s"
                              % (x.shape, dy.shape))
+        if fwd.groups is not None:
+            k = self.virtual_batch_size
+            parts = [self._backward_core(dy[i * k:(i + 1) * k], f)
+                     for i, f in enumerate(fwd.groups)]
+            dx = np.concatenate([p[0] for p in parts], axis=0)
+            dgamma = np.sum([np.asarray(p[1], np.float64) for p in parts], axis=0)
+            dbeta = np.sum([np.asarray(p[2], np.float64) for p in parts], axis=0)
+        else:
+            dx, dgamma, dbeta = self._backward_core(dy, fwd)
+        vdt = self._dtype_policy._numpy_dtypes()[1]
+        with self._lock:
+            grads = []
+            if self._trainable:
+                for name, grad, reg, present in (
+                        ("gamma", dgamma, self.gamma_regularizer, self.scale),
+                        ("beta", dbeta, self.beta_regularizer, self.center)):
+                    if not present:
+                        continue
+                    if reg is not None:
+                        grad = np.asarray(grad, dtype=np.float64) + _regularizers.gradient(
+                            reg, getattr(self, name))
+                    # (float32 -> float64 -> vdt would round the same as one cast)
+                    grads.append(grad.astype(vdt))
+            self.gradients = grads
+        out_dt = fwd.input_dtype if _is_float(fwd.input_dtype) else dx.dtype
+        return dx if dx.dtype == out_dt else dx.astype(out_dt)
+
+    def _backward_core(self, dy, fwd):
+        x = fwd.x
         ax, eps = self._axis_index, self.epsilon
         if fwd.batch_stats and fwd.mask_kind == "rows":
             dx, dgamma, dbeta = self._row_masked_backward(dy, fwd)
         elif fwd.batch_stats:
             dx, dgamma, dbeta = batch_norm_backward(
                 dy, x, fwd.mean, fwd.variance, fwd.gamma, axis=ax, epsilon=eps,
-                mask=fwd.mask if fwd.mask_kind == "positions" else None, training=True)
+                mask=fwd.mask if fwd.mask_kind == "positions" else None, training=True,
+                comm=fwd.comm)
         else:
             dx, dgamma, dbeta = batch_norm_backward(
                 dy, x, fwd.mean, fwd.variance, fwd.gamma, axis=ax, epsilon=eps, training=False)
         if fwd.r is not None:
             # y = xhat*(r*gamma) + d*gamma + beta with r, d constant.
             dgamma = fwd.r * dgamma + fwd.d * dbeta
-        vdt = self._dtype_policy._numpy_dtypes()[1]
-        with self._lock:
-            grads = []
-            for name, grad, reg in (("gamma", dgamma, self.gamma_regularizer),
-                                    ("beta", dbeta, self.beta_regularizer)):
-                if name not in self.trainable_weight_names:
-                    continue
-                grad = np.asarray(grad, dtype=np.float64)
-                if reg is not None:
-                    grad = grad + _regularizers.gradient(reg, getattr(self, name))
-                grads.append(grad.astype(vdt))
-            self.gradients = grads
-        out_dt = fwd.input_dtype if _is_float(fwd.input_dtype) else dx.dtype
-        return dx if dx.dtype == out_dt else dx.astype(out_dt)
+        return dx, dgamma, dbeta
 
     def _row_masked_backward(self, dy, fwd):
         """Backward for Keras's per-channel mask rule (feature axis not last).
 
         dx = dy*g*inv - w_i*g*inv/W_c * (sum(dy) + xhat_i*sum(dy*xhat)): the first term and
         the sums come from the ops in inference mode, the correction is one batch_norm call
-        (xhat*A + B per channel) and one masked subtraction.
+        (xhat*A + B per channel) and one masked subtraction. Synchronized: the two sums are
+        summed over the ranks (one collective) and W_c is the global count.
         """
         ax, eps = self._axis_index, self.epsilon
         wd = np.float64 if fwd.x.dtype == np.float64 else np.float32
@@ -841,10 +1125,16 @@ class BatchNormalization:
         dx, dgamma, dbeta = batch_norm_backward(
             dy.astype(wd, copy=False), x, fwd.mean, fwd.variance, fwd.gamma, axis=ax,
             epsilon=eps, training=False)
+        sdy, sdyx = dbeta, dgamma
+        if fwd.comm is not None:
+            from . import distributed
+
+            _, sdy, sdyx = distributed.sum_grad_sums(fwd.comm, 0.0, np.asarray(dbeta),
+                                                     np.asarray(dgamma))
         g = np.ones(x.shape[ax]) if fwd.gamma is None else np.asarray(fwd.gamma, np.float64)
         inv = 1.0 / np.sqrt(np.asarray(fwd.variance, np.float64) + eps)
         coef = np.where(fwd.counts > 0, g * inv / np.maximum(fwd.counts, 1), 0.0)
-        correction = batch_norm(x, fwd.mean, fwd.variance, coef * dgamma, coef * dbeta,
+        correction = batch_norm(x, fwd.mean, fwd.variance, coef * sdyx, coef * sdy,
                                 axis=ax, epsilon=eps)
         dx -= np.expand_dims(fwd.mask, -1) * correction
         return dx, dgamma, dbeta
@@ -900,6 +1190,234 @@ class BatchNormalization:
                                      % (name, new.shape, w.shape))
                 w[...] = new.astype(w.dtype, copy=False)
 
+    # -- moving statistics ----------------------------------------------------------------
+
+    def reset_moving_statistics(self):
+        """Set the moving statistics back to their initializers' values (renorm's too) and
+        ``num_batches_tracked`` and ``skipped_updates`` to 0. A no-op before build."""
+        with self._lock:
+            self.num_batches_tracked = 0
+            self.skipped_updates = 0
+            if not self.built:
+                return
+            vdt = self._dtype_policy._numpy_dtypes()[1]
+            shape = self.moving_mean.shape
+            inits = {"moving_mean": (self.moving_mean_initializer, False),
+                     "moving_variance": (self.moving_variance_initializer, False),
+                     "moving_stddev": (self.moving_variance_initializer, True),
+                     "renorm_mean": (self.moving_mean_initializer, False),
+                     "renorm_stddev": (self.moving_variance_initializer, True)}
+            for name in self._moving_names():
+                init, sqrt = inits[name]
+                try:
+                    value = init(shape, dtype=vdt)
+                except TypeError:
+                    value = init(shape)
+                value = _real_array(value, name + " initializer output").astype(np.float64)
+                getattr(self, name)[...] = (np.sqrt(value) if sqrt else value).astype(vdt)
+
+    def recompute_statistics(self, batches, progress=False):
+        """Set the moving mean and variance to the exact statistics of `batches`.
+
+        `batches` is an iterable of input arrays, or of ``(x, mask)`` pairs (masks as in a
+        call). Each batch is reduced to per-channel (weight, mean, M2) with the ops and merged
+        into a running total in float64 (Chan et al.), so memory stays constant and the result
+        equals the statistics of the concatenated data (population variance, or Bessel-
+        corrected with ``moving_variance_estimator="unbiased"``). A synchronized layer also
+        merges every rank's totals (one collective; every rank must call it, with a built
+        layer, even with no batches of its own). Channels that
+        saw no unmasked position keep their moving statistics. With renorm, moving_stddev,
+        renorm_mean and renorm_stddev are set to match. ``num_batches_tracked`` becomes the
+        number of batches. `progress`: True prints a progress line to stderr per batch (or a
+        callable ``progress(i)`` is called with the number of batches done). Returns that
+        number.
+        """
+        import sys
+
+        total = mean = m2 = None
+        n_batches = 0
+        for item in batches:
+            if isinstance(item, tuple) and len(item) == 2:
+                x, mask = item
+            else:
+                x, mask = item, None
+            x = _to_numpy(x)
+            if x.ndim == 0:
+                raise ValueError("batches must have at least one dimension")
+            if not self.built:
+                self.build(x.shape)
+            self._check_shape(x.shape)
+            cdt = self._dtype_policy._numpy_dtypes()[0]
+            xc = (x if x.dtype == cdt else x.astype(cdt)) if _is_float(x.dtype) \
+                else x.astype(np.float32)
+            ax = self._axis_index
+            channels = xc.shape[ax]
+            kind, m = (None, None) if mask is None else self._resolve_mask(mask, x.shape)
+            if kind == "rows":
+                bm, bv, w = self._row_masked_moments(xc, m, np.dtype(np.float64))
+                w = w.astype(np.float64)
+            else:
+                n = np.count_nonzero(m) if kind == "positions" else (
+                    xc.size // channels if channels else 0)
+                w = np.full(channels, float(n))
+                if n:
+                    bm, bv = moments(xc, axis=ax, mask=m)
+                else:
+                    bm = bv = np.zeros(channels)
+            bm = np.where(w > 0, np.asarray(bm, np.float64), 0.0)
+            bm2 = np.where(w > 0, np.asarray(bv, np.float64) * w, 0.0)
+            if total is None:
+                total, mean, m2 = w, bm, bm2
+            else:
+                total, mean, m2 = _chan_merge(total, mean, m2, w, bm, bm2)
+            n_batches += 1
+            if progress:
+                if callable(progress):
+                    progress(n_batches)
+                else:
+                    sys.stderr.write("\rrecompute_statistics: %d batches" % n_batches)
+                    sys.stderr.flush()
+        if progress and not callable(progress):
+            sys.stderr.write("\n")
+        if self.synchronized and self.built:
+            comm = self._sync_comm()
+            if comm is not None:
+                from . import distributed
+
+                c = len(self.moving_mean)
+                if total is None:
+                    total, mean, m2 = np.zeros(c), np.zeros(c), np.zeros(c)
+                total, mean, m2 = distributed.merge_partials(comm, total, mean, m2)
+        if total is None:
+            raise ValueError("recompute_statistics needs at least one batch")
+        has = total > 0
+        denom = total - 1 if self.moving_variance_estimator == "unbiased" else total
+        with np.errstate(invalid="ignore", divide="ignore"):
+            var = np.where(denom > 0, m2 / np.where(denom > 0, denom, 1.0), 0.0)
+        with self._lock:
+            vdt = self.moving_mean.dtype
+            self.moving_mean[has] = mean[has].astype(vdt)
+            self.moving_variance[has] = var[has].astype(vdt)
+            if self.renorm:
+                std = np.sqrt(var + self.epsilon)
+                self.moving_stddev[has] = std[has].astype(vdt)
+                self.renorm_mean[has] = mean[has].astype(vdt)
+                self.renorm_stddev[has] = std[has].astype(vdt)
+            self.num_batches_tracked = n_batches
+        return n_batches
+
+    def folded(self):
+        """Per-channel ``(scale, shift)`` (float64) of inference mode: the layer computes
+        ``x * scale + shift`` along its feature axis."""
+        if not self.built:
+            raise ValueError("folded() needs a built layer")
+        with self._lock:
+            var = self.moving_variance.astype(np.float64)
+            scale = 1.0 / np.sqrt(var + self.epsilon)
+            if self.scale:
+                scale = scale * self.gamma.astype(np.float64)
+            shift = -self.moving_mean.astype(np.float64) * scale
+            if self.center:
+                shift = shift + self.beta.astype(np.float64)
+        return scale, shift
+
+    # -- PyTorch and Keras interchange ----------------------------------------------------
+
+    @classmethod
+    def from_torch(cls, module_or_state_dict, prefix="", *, input_rank=None, eps=1e-5,
+                   momentum=0.1, name=None, dtype=None):
+        """A layer equal to a ``torch.nn.BatchNorm{1,2,3}d`` (module or state dict).
+
+        Takes weight/bias (-> gamma/beta; absent: ``affine=False``), running_mean/running_var
+        and num_batches_tracked under `prefix` (e.g. ``"layer1.0.bn1."``). The layer has
+        ``axis=1`` (channels first), PyTorch's ``eps``, momentum ``1 - torch momentum`` (None
+        stays None: cumulative average) and ``moving_variance_estimator="unbiased"``, so
+        training updates match PyTorch's. `eps`/`momentum` are read from a module; give them
+        for a state dict (PyTorch's defaults otherwise). `input_rank`: the rank of the inputs
+        the layer is built for (default: 2 for BatchNorm1d -- pass 3 for (N, C, L) --, 4 for
+        BatchNorm2d and state dicts, 5 for BatchNorm3d). Modules without running statistics
+        (``track_running_stats=False``) are rejected.
+        """
+        if hasattr(module_or_state_dict, "state_dict") and callable(
+                module_or_state_dict.state_dict):
+            module = module_or_state_dict
+            state = module.state_dict()
+            eps = module.eps
+            momentum = module.momentum
+            kind = type(module).__name__
+        else:
+            state = dict(module_or_state_dict)
+            kind = ""
+        get = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if "running_mean" not in get or "running_var" not in get:
+            raise ValueError("no running_mean/running_var under prefix %r: bn_cy needs running "
+                             "statistics (track_running_stats=True)" % prefix)
+        if input_rank is None:
+            input_rank = {"BatchNorm1d": 2, "BatchNorm3d": 5}.get(kind, 4)
+        input_rank = _int_arg(input_rank, "input_rank")
+        if input_rank < 2:
+            raise ValueError("input_rank must be >= 2 (batch, channels, ...)")
+        arrays = {k: _to_numpy(v) for k, v in get.items()}
+        mean = arrays["running_mean"]
+        if dtype is None:
+            dtype = "float64" if mean.dtype == np.float64 else "float32"
+        layer = cls(axis=1, momentum=None if momentum is None else 1.0 - float(momentum),
+                    epsilon=float(eps), center="bias" in arrays, scale="weight" in arrays,
+                    moving_variance_estimator="unbiased", name=name, dtype=dtype)
+        layer.build((None, mean.shape[0]) + (None,) * (input_rank - 2))
+        layer.set_weights([arrays[k] for k, present in (
+            ("weight", layer.scale), ("bias", layer.center), ("running_mean", True),
+            ("running_var", True)) if present])
+        if "num_batches_tracked" in arrays:
+            layer.num_batches_tracked = int(arrays["num_batches_tracked"])
+        return layer
+
+    def to_torch_state_dict(self, prefix="", as_numpy=False):
+        """The state dict of the equivalent ``torch.nn.BatchNorm*d``: weight, bias (gamma/beta;
+        ones/zeros for the one that is absent, both absent when neither exists), running_mean,
+        running_var, num_batches_tracked. torch tensors when torch is installed and
+        `as_numpy` is False, NumPy arrays otherwise. The PyTorch module should have
+        ``momentum = 1 - layer.momentum`` (None for None) and ``eps = layer.epsilon``."""
+        if not self.built:
+            raise ValueError("to_torch_state_dict() needs a built layer")
+        with self._lock:
+            c = self.moving_mean.shape[0]
+            out = {}
+            if self.scale or self.center:
+                vdt = self.moving_mean.dtype
+                out["weight"] = self.gamma.copy() if self.scale else np.ones(c, vdt)
+                out["bias"] = self.beta.copy() if self.center else np.zeros(c, vdt)
+            out["running_mean"] = self.moving_mean.copy()
+            out["running_var"] = self.moving_variance.copy()
+            out["num_batches_tracked"] = np.array(self.num_batches_tracked, dtype=np.int64)
+        if not as_numpy:
+            try:
+                import torch
+            except ImportError:
+                torch = None
+            if torch is not None:
+                out = {k: torch.from_numpy(v.astype(np.float32) if v.dtype.name == "bfloat16"
+                                           else v) for k, v in out.items()}
+        return {prefix + k: v for k, v in out.items()}
+
+    def to_keras(self):
+        """An equal ``keras.layers.BatchNormalization`` (built, with these weights), when Keras
+        is installed. bn_cy-only options (momentum=None, the unbiased estimator, non-finite
+        guard, virtual_batch_size) have no Keras 3 equivalent and raise ValueError."""
+        config = self.get_config()
+        extra = [k for k, _ in _EXTRA_DEFAULTS if k in config]
+        if self.momentum is None:
+            extra.insert(0, "momentum=None")
+        if extra:
+            raise ValueError("Keras 3 has no equivalent of %s" % ", ".join(extra))
+        import keras
+
+        layer = keras.layers.BatchNormalization.from_config(config)
+        if self.built:
+            layer.build(self._build_input_shape)
+            layer.set_weights(self.get_weights())
+        return layer
+
     # -- config ---------------------------------------------------------------------------
 
     def get_config(self):
@@ -932,6 +1450,8 @@ class BatchNormalization:
             "renorm_clipping": (None if self.renorm_clipping is None
                                 else dict(self.renorm_clipping)),
             "renorm_momentum": self.renorm_momentum,
+            **{key: getattr(self, key) for key, default in _EXTRA_DEFAULTS
+               if getattr(self, key) != default},
         }
 
     @classmethod
@@ -959,6 +1479,9 @@ class BatchNormalization:
         for key, (ignorable, why) in _LEGACY_KEYS.items():
             if key not in config:
                 continue
+            if key == "virtual_batch_size" and isinstance(config[key], numbers.Integral) \
+                    and not isinstance(config[key], bool):
+                continue  # ghost batch normalization: supported (training only)
             value = config.pop(key)
             if any(value is v for v in ignorable):
                 warnings.warn(
@@ -1016,6 +1539,7 @@ class BatchNormalization:
                                       else list(self._build_input_shape)),
                 "weight_names": list(self._weight_names),
                 "weight_dtypes": [getattr(self, n).dtype.name for n in self._weight_names],
+                "num_batches_tracked": int(self.num_batches_tracked),
             }
             arrays = {}
             for name in self._weight_names:
@@ -1054,16 +1578,23 @@ class BatchNormalization:
                     raise ValueError("weights in the file (%s) do not match the layer (%s)"
                                      % (meta["weight_names"], layer.weight_names))
                 layer.set_weights([data[name] for name in meta["weight_names"]])
+            layer.num_batches_tracked = int(meta.get("num_batches_tracked", 0))
         return layer
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        for key in ("_lock", "_local", "_last_forward"):
+        for key in ("_lock", "_local", "_last_forward", "_communicator", "_call_cache",
+                    "_momentum_cache"):
             state.pop(key, None)
         return state
 
     def __setstate__(self, state):
+        for key, default in _EXTRA_DEFAULTS + (("num_batches_tracked", 0),
+                                               ("skipped_updates", 0)):
+            state.setdefault(key, default)  # pickles of earlier versions
         self.__dict__.update(state)
+        self._communicator = None  # communicators are per process: never pickled
+        self._call_cache = None
         self._lock = threading.Lock()
         self._local = threading.local()
         self._last_forward = None
@@ -1072,6 +1603,18 @@ class BatchNormalization:
         shape = "" if not self.built else ", built for %s" % (self._build_input_shape,)
         return "<BatchNormalization name=%r axis=%d policy=%s%s>" % (
             self.name, self.axis, self._dtype_policy.name, shape)
+
+
+def _chan_merge(wa, ma, m2a, wb, mb, m2b):
+    """Merge two per-channel (weight, mean, M2) partial states (Chan et al.), in float64."""
+    w = wa + wb
+    with np.errstate(invalid="ignore", divide="ignore"):
+        frac = np.where(w > 0, wb / np.where(w > 0, w, 1.0), 0.0)
+    delta = mb - ma
+    mean = np.where(wa > 0, ma + delta * frac, mb)
+    mean = np.where(wb > 0, mean, ma)
+    m2 = np.where(wb > 0, m2a + m2b + delta * delta * (wa * frac), m2a)
+    return w, mean, m2
 
 
 def _clone(initializer):

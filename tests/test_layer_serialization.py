@@ -114,7 +114,7 @@ def test_keras2_keys_with_ignorable_values_warn(key, value):
     assert key not in layer.get_config()
 
 
-@pytest.mark.parametrize("key, value", [("fused", "yes"), ("virtual_batch_size", 8),
+@pytest.mark.parametrize("key, value", [("fused", "yes"), ("virtual_batch_size", "8"),
                                         ("adjustment", "some_fn")])
 def test_keras2_keys_with_other_values_raise(key, value):
     with pytest.raises(ValueError, match=key):
@@ -253,3 +253,9 @@ def test_pickle_unbuilt_and_copy_of_policies():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         copy.deepcopy(BatchNormalization(renorm=True))
+
+
+def test_keras2_virtual_batch_size_int_is_supported():
+    layer = BatchNormalization.from_config(keras2_config(virtual_batch_size=8))
+    assert layer.virtual_batch_size == 8
+    assert layer.get_config()["virtual_batch_size"] == 8

@@ -1,0 +1,71 @@
+"""The layer's hot paths (direct kernel calls, cached per-shape checks) give bitwise the
+results of the functional ops, and the cache never hides a check."""
+
+import numpy as np
+import pytest
+
+import bn_cy
+from bn_cy import BatchNormalization
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "strided", "fortran"])
+def test_direct_paths_equal_ops(dtype, layout):
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((20, 6)) * 3 + 1).astype(dtype)
+    if layout == "strided":
+        x = (rng.standard_normal((40, 12)) * 3 + 1).astype(dtype)[::2, ::2]
+    elif layout == "fortran":
+        x = np.asfortranarray(x)
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    policy = "float64" if dtype == np.float64 else "float32"
+    layer = BatchNormalization(momentum=0.7, dtype=policy, gamma_initializer="random_normal",
+                               beta_initializer="random_normal")
+    layer.build(x.shape)
+    g, b = layer.gamma.copy(), layer.beta.copy()
+    mm, mv = layer.moving_mean.copy(), layer.moving_variance.copy()
+    for step in range(3):
+        y = layer(x, training=True)
+        ry, rm, rv = bn_cy.batch_norm_train(x, g, b, epsilon=1e-3)
+        np.testing.assert_array_equal(y, ry)
+        mom, rest = np.dtype(policy).type(0.7), np.dtype(policy).type(1 - 0.7)
+        mm = mm * mom + rm.astype(policy) * rest
+        mv = mv * mom + rv.astype(policy) * rest
+        np.testing.assert_array_equal(layer.moving_mean, mm)
+        np.testing.assert_array_equal(layer.moving_variance, mv)
+        dx = layer.backward(dy)
+        rdx, rdg, rdb = bn_cy.batch_norm_backward(dy, x, rm, rv, g, epsilon=1e-3)
+        np.testing.assert_array_equal(dx, rdx)
+        np.testing.assert_array_equal(layer.gradients[0], rdg.astype(policy))
+        np.testing.assert_array_equal(layer.gradients[1], rdb.astype(policy))
+    yi = layer(x, training=False)
+    np.testing.assert_array_equal(yi, bn_cy.batch_norm(x, mm, mv, g, b, epsilon=1e-3))
+    np.testing.assert_array_equal(layer.backward(dy),
+                                  bn_cy.batch_norm_backward(dy, x, mm, mv, g, training=False)[0])
+
+
+def test_cache_does_not_skip_checks():
+    layer = BatchNormalization()
+    layer(np.ones((4, 3), np.float32), training=True)
+    layer(np.ones((4, 3), np.float32), training=True)  # cached
+    with pytest.raises(ValueError):
+        layer(np.ones((4, 5), np.float32))
+    with pytest.raises(ValueError):
+        layer(np.ones((4, 3, 1), np.float32))
+    with pytest.raises(TypeError):
+        layer(np.ones((4, 3), np.complex64))
+    y = layer(np.ones((4, 3), np.int64), training=False)  # ints: computed in float32
+    assert y.dtype == np.float32
+    y = layer(np.ones((4, 3), np.float64), training=False)  # cast to the compute dtype
+    assert y.dtype == np.float32
+    big_endian = np.ones((4, 3), ">f4")
+    np.testing.assert_array_equal(layer(big_endian), layer(np.ones((4, 3), np.float32)))
+
+
+def test_momentum_change_after_calls_is_used():
+    x = np.random.default_rng(1).standard_normal((8, 2))
+    layer = BatchNormalization(dtype="float64")
+    layer(x, training=True)
+    layer.momentum = 0.0
+    layer(x, training=True)
+    np.testing.assert_allclose(layer.moving_mean, x.mean(0), rtol=1e-13)
