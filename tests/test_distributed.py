@@ -51,10 +51,6 @@ def test_sync_ops_match_concatenated_batch(ranks):
     assert "sync checks passed on %d ranks" % ranks in out
 
 
-@pytest.mark.skipif(
-    not os.path.exists(os.path.join(HERE, "mpi", "layer_sync_checks.py")),
-    reason="layer checks not present",
-)
 @needs_mpi
 @pytest.mark.parametrize("ranks", [2, 3])
 def test_sync_layer_matches_concatenated_batch(ranks):
