@@ -73,8 +73,7 @@ static BNCY_NOINLINE void FN(rows_tile_sum)(double *BNCY_RESTRICT s, const T *BN
     }
 }
 
-/* Exact (double) weighted mean of one channel of a tile: the fallback of the shift when the
-   compute-type sums overflowed. */
+/* Exact (double) weighted mean of one channel of a tile: the shift of the fallback pass. */
 static double FN(rows_tile_mean_exact)(const T *xc, const int64_t *offs, const double *wr,
                                        int64_t nr, double wt) {
     double s = 0.0;
@@ -186,26 +185,32 @@ static void FN(rows_stats_unit)(const T *x, bncy_strides xs, bncy_shape sh, cons
         }
         if (!mask) wt = (double)nr;
         if (nr == 0 || wt == 0.0) continue;
-        /* Pass 1 only picks a shift near the tile mean, so it runs in the compute type; pass 2
-           is in double and its sum of deviations corrects the shift exactly. */
-        FN(rows_tile_sum)(s, xc, xs.chan, offs, mask ? wr : NULL, nr, nc);
-        BNCY_IVDEP for (c = 0; c < nc; c++) {
-            s[c] /= wt;
-            mt[c] = (CT)s[c]; /* see plane_tile_plain: exact sums for a constant channel */
-        }
-        for (c = 0; c < nc; c++) {
-            if (!isfinite(s[c])) /* overflow of a compute-type partial sum, or Inf/NaN data */
-                mt[c] = (CT)FN(rows_tile_mean_exact)(xc + c * xs.chan, offs, mask ? wr : NULL,
-                                                     nr, wt);
+        /* One pass: deviations from a shift -- the group's mean so far, or for its first tile
+           that tile's mean -- summed as single-precision quads into double.
+           The shift is exact-ish (and exact for a constant channel, whose deviations are 0);
+           where it is too far from the tile mean for the centered sums to keep their digits
+           (|sum d|^2 / W > W sum d^2 / 2, i.e. the shift more than ~1 std away), or on
+           overflow/NaN, the channel is redone with its exact mean (the tile is in cache). */
+        if (wgroup == 0.0) { /* the group's first tile: its own mean, from a first pass */
+            FN(rows_tile_sum)(s, xc, xs.chan, offs, mask ? wr : NULL, nr, nc);
+            for (c = 0; c < nc; c++) mt[c] = (CT)(s[c] / wt); /* non-finite: the redo below */
         }
         FN(rows_tile_dev)(s1, s2, mt, xc, xs.chan, offs, mask ? wr : NULL, nr, nc);
         for (c = 0; c < nc; c++) {
-            if (!isfinite(s2[c]) && isfinite((double)mt[c])) /* squares beyond the CT range */
-                FN(rows_tile_dev_exact)(&s1[c], &s2[c], (double)mt[c], xc + c * xs.chan, offs,
-                                        mask ? wr : NULL, nr);
+            if (!(s1[c] * s1[c] <= 0.5 * wt * s2[c]) || !isfinite(s2[c])) {
+                const double m = FN(rows_tile_mean_exact)(xc + c * xs.chan, offs,
+                                                          mask ? wr : NULL, nr, wt);
+                mt[c] = (CT)m;
+                FN(rows_tile_dev)(&s1[c], &s2[c], &mt[c], xc + c * xs.chan, xs.chan, offs,
+                                  mask ? wr : NULL, nr, 1);
+                if (!isfinite(s2[c]) && isfinite((double)mt[c])) /* squares beyond CT range */
+                    FN(rows_tile_dev_exact)(&s1[c], &s2[c], (double)mt[c], xc + c * xs.chan,
+                                            offs, mask ? wr : NULL, nr);
+            }
         }
         FN(rows_merge_tile)(gmean, gm2, wgroup, s1, s2, mt, wt, nc);
         wgroup += wt;
+        for (c = 0; c < nc; c++) mt[c] = (CT)gmean[c]; /* the next tile's shift */
     }
     *gw = wgroup;
 }
