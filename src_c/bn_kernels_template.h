@@ -186,14 +186,17 @@ static void FN(rows_stats_unit)(const T *x, bncy_strides xs, bncy_shape sh, cons
         if (!mask) wt = (double)nr;
         if (nr == 0 || wt == 0.0) continue;
         /* One pass: deviations from a shift -- the group's mean so far, or for its first tile
-           that tile's mean -- summed as single-precision quads into double.
+           the mean of its first rows -- summed as single-precision quads into double.
            The shift is exact-ish (and exact for a constant channel, whose deviations are 0);
            where it is too far from the tile mean for the centered sums to keep their digits
            (|sum d|^2 / W > W sum d^2 / 2, i.e. the shift more than ~1 std away), or on
            overflow/NaN, the channel is redone with its exact mean (the tile is in cache). */
-        if (wgroup == 0.0) { /* the group's first tile: its own mean, from a first pass */
-            FN(rows_tile_sum)(s, xc, xs.chan, offs, mask ? wr : NULL, nr, nc);
-            for (c = 0; c < nc; c++) mt[c] = (CT)(s[c] / wt); /* non-finite: the redo below */
+        if (wgroup == 0.0) { /* the group's first tile: the mean of its first few rows */
+            const int64_t ns = bncy_min64(nr, 8);
+            double ws = 0.0;
+            for (p = 0; p < ns; p++) ws += mask ? wr[p] : 1.0;
+            FN(rows_tile_sum)(s, xc, xs.chan, offs, mask ? wr : NULL, ns, nc);
+            for (c = 0; c < nc; c++) mt[c] = (CT)(s[c] / ws); /* non-finite: the redo below */
         }
         FN(rows_tile_dev)(s1, s2, mt, xc, xs.chan, offs, mask ? wr : NULL, nr, nc);
         for (c = 0; c < nc; c++) {
@@ -223,33 +226,15 @@ BNCY_INLINE double FN(lanes_total)(const double *a) {
     return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
 }
 
-/* Two-pass reduction of one tile of n elements at stride si, without weights. BNCY_LANES
-   independent lanes along the plane; four vectors of lanes are combined in the compute type and
-   added into double lane accumulators (as in the rows kernels); lanes are summed in a fixed
-   order. The shift is rounded to the compute type: then x - mt is a small multiple of x's ulp for
-   a constant channel, every sum is exact, and its variance is exactly 0. */
-BNCY_INLINE void FN(plane_tile_plain)(const T *BNCY_RESTRICT seg, int64_t si, int64_t n,
-                                      double *mean_out, double *m2_out) {
-    double a[BNCY_LANES] = {0}, b1[BNCY_LANES] = {0}, b2[BNCY_LANES] = {0};
+/* Centered sums s1 = sum(x - mt), s2 = sum((x - mt)^2) of one tile of n elements at stride si:
+   BNCY_LANES independent lanes along the plane; four vectors of lanes are combined in the compute
+   type and added into double lane accumulators (as in the rows kernels); lanes are summed in a
+   fixed order. */
+BNCY_INLINE void FN(plane_dev)(const T *BNCY_RESTRICT seg, int64_t si, int64_t n, CT mt,
+                               double *s1_out, double *s2_out) {
+    double b1[BNCY_LANES] = {0}, b2[BNCY_LANES] = {0};
     const int64_t q = 4 * BNCY_LANES, nq = n - n % q;
-    double m, s1, s2, m2;
-    CT mt;
     int64_t k, l;
-    for (k = 0; k < nq; k += q) {
-        BNCY_LANE_LOOP for (l = 0; l < BNCY_LANES; l++) {
-            const T *p = seg + (k + l) * si;
-            a[l] += (double)((LOAD(p) + LOAD(p + BNCY_LANES * si)) +
-                             (LOAD(p + 2 * BNCY_LANES * si) + LOAD(p + 3 * BNCY_LANES * si)));
-        }
-    }
-    for (k = nq; k < n; k++) a[(k - nq) % BNCY_LANES] += (double)LOAD(seg + k * si);
-    m = FN(lanes_total)(a) / (double)n;
-    if (!isfinite(m)) { /* overflow of a compute-type partial sum, or Inf/NaN data */
-        double e[BNCY_LANES] = {0};
-        for (k = 0; k < n; k++) e[k % BNCY_LANES] += (double)LOAD(seg + k * si);
-        m = FN(lanes_total)(e) / (double)n;
-    }
-    mt = (CT)m;
     for (k = 0; k < nq; k += q) {
         BNCY_LANE_LOOP for (l = 0; l < BNCY_LANES; l++) {
             const T *p = seg + (k + l) * si;
@@ -264,14 +249,57 @@ BNCY_INLINE void FN(plane_tile_plain)(const T *BNCY_RESTRICT seg, int64_t si, in
         b1[(k - nq) % BNCY_LANES] += d;
         b2[(k - nq) % BNCY_LANES] += d * d;
     }
-    s1 = FN(lanes_total)(b1);
-    s2 = FN(lanes_total)(b2);
-    if (!isfinite(s2) && isfinite((double)mt)) { /* squares beyond the CT range: redo in double */
-        s1 = s2 = 0.0;
-        for (k = 0; k < n; k++) {
-            const double d = (double)LOAD(seg + k * si) - (double)mt;
-            s1 += d;
-            s2 += d * d;
+    *s1_out = FN(lanes_total)(b1);
+    *s2_out = FN(lanes_total)(b2);
+}
+
+/* Statistics of one tile without weights, in one pass over deviations from a shift: the
+   channel's running mean, or for its first tile the mean of a small sample. Where the shift is
+   too far from the tile's mean for the centered sums to keep their digits (|s1|^2 / n > s2 / 2),
+   or on overflow/NaN, it is redone in two passes, the tile mean first (the tile is in cache). The shift is rounded to the compute
+   type: then x - mt is a small multiple of x's ulp for a constant channel, every sum is exact,
+   and its variance is exactly 0. */
+BNCY_INLINE void FN(plane_tile_plain)(const T *BNCY_RESTRICT seg, int64_t si, int64_t n,
+                                      const int has_shift, CT shift, double *mean_out,
+                                      double *m2_out) {
+    double s1 = 0.0, s2 = 0.0, m2;
+    CT mt = shift;
+    int64_t k, l;
+    int done;
+    if (!has_shift) { /* the mean of a small sample: within a fraction of a std of the tile's */
+        const int64_t ns = bncy_min64(n, 4 * BNCY_LANES);
+        double a = 0.0;
+        for (k = 0; k < ns; k++) a += (double)LOAD(seg + k * si);
+        mt = (CT)(a / (double)ns);
+    }
+    FN(plane_dev)(seg, si, n, mt, &s1, &s2);
+    done = s1 * s1 <= 0.5 * (double)n * s2 && isfinite(s2);
+    if (!done) {
+        double a[BNCY_LANES] = {0}, m;
+        const int64_t q = 4 * BNCY_LANES, nq = n - n % q;
+        for (k = 0; k < nq; k += q) {
+            BNCY_LANE_LOOP for (l = 0; l < BNCY_LANES; l++) {
+                const T *p = seg + (k + l) * si;
+                a[l] += (double)((LOAD(p) + LOAD(p + BNCY_LANES * si)) +
+                                 (LOAD(p + 2 * BNCY_LANES * si) + LOAD(p + 3 * BNCY_LANES * si)));
+            }
+        }
+        for (k = nq; k < n; k++) a[(k - nq) % BNCY_LANES] += (double)LOAD(seg + k * si);
+        m = FN(lanes_total)(a) / (double)n;
+        if (!isfinite(m)) { /* overflow of a compute-type partial sum, or Inf/NaN data */
+            double e[BNCY_LANES] = {0};
+            for (k = 0; k < n; k++) e[k % BNCY_LANES] += (double)LOAD(seg + k * si);
+            m = FN(lanes_total)(e) / (double)n;
+        }
+        mt = (CT)m;
+        FN(plane_dev)(seg, si, n, mt, &s1, &s2);
+        if (!isfinite(s2) && isfinite((double)mt)) { /* squares beyond the CT range: in double */
+            s1 = s2 = 0.0;
+            for (k = 0; k < n; k++) {
+                const double d = (double)LOAD(seg + k * si) - (double)mt;
+                s1 += d;
+                s2 += d * d;
+            }
         }
     }
     m2 = s2 - s1 * (s1 / (double)n);
@@ -313,8 +341,9 @@ BNCY_INLINE void FN(plane_tile_weighted)(const T *BNCY_RESTRICT seg, int64_t si,
 }
 
 BNCY_INLINE void FN(plane_tile)(const T *BNCY_RESTRICT seg, int64_t si,
-                                const CT *BNCY_RESTRICT wseg, int64_t n, double *wt_out,
-                                double *mean_out, double *m2_out, const int has_mask) {
+                                const CT *BNCY_RESTRICT wseg, int64_t n, int has_shift,
+                                CT shift, double *wt_out, double *mean_out, double *m2_out,
+                                const int has_mask) {
     if (has_mask) {
         FN(plane_tile_weighted)(seg, si, wseg, n, wt_out, mean_out, m2_out);
     } else if (si == 0) {
@@ -326,7 +355,7 @@ BNCY_INLINE void FN(plane_tile)(const T *BNCY_RESTRICT seg, int64_t si,
         *m2_out = v - v;
     } else {
         *wt_out = (double)n;
-        FN(plane_tile_plain)(seg, si, n, mean_out, m2_out);
+        FN(plane_tile_plain)(seg, si, n, has_shift, shift, mean_out, m2_out);
     }
 }
 
@@ -347,8 +376,8 @@ BNCY_INLINE void FN(planes_stats_impl)(const T *x, bncy_strides xs, bncy_shape s
         const T *seg = x + o * xs.outer + i * si;
         for (c = 0; c < sh.chan; c++) {
             double tw, tmean, tm2;
-            FN(plane_tile)(seg + c * xs.chan, si, has_mask ? mask + p : NULL, n, &tw, &tmean, &tm2,
-                           has_mask);
+            FN(plane_tile)(seg + c * xs.chan, si, has_mask ? mask + p : NULL, n, gw[c] > 0.0,
+                           (CT)gmean[c], &tw, &tmean, &tm2, has_mask);
             bncy_chan_merge(&gw[c], &gmean[c], &gm2[c], tw, tmean, tm2);
         }
         p += n;
