@@ -630,6 +630,28 @@ int FN(bncy_batch_norm_train)(const T *x, bncy_strides xs, T *y, bncy_strides ys
  *   dx = A*dy                                 (inference)
  * with A = g*inv, B = g*inv*sum(dy)/W, K = g*inv^3*sum(dy*(x-mean))/W.
  * ------------------------------------------------------------------------------------------- */
+/* Four positions of backward pass 1, channels innermost (kept out of line; see row helpers). */
+static BNCY_NOINLINE void FN(quad_grad_sums)(const T *BNCY_RESTRICT d0p, const T *BNCY_RESTRICT d1p,
+                                             const T *BNCY_RESTRICT d2p, const T *BNCY_RESTRICT d3p,
+                                             const T *BNCY_RESTRICT x0p, const T *BNCY_RESTRICT x1p,
+                                             const T *BNCY_RESTRICT x2p, const T *BNCY_RESTRICT x3p,
+                                             const CT *BNCY_RESTRICT hi, int64_t nc,
+                                             double *BNCY_RESTRICT sdy,
+                                             double *BNCY_RESTRICT sdyx) {
+    int64_t c;
+    BNCY_IVDEP for (c = 0; c < nc; c++) {
+        const CT g0 = LOAD(d0p + c), g1 = LOAD(d1p + c), g2 = LOAD(d2p + c), g3 = LOAD(d3p + c);
+        const CT e0 = LOAD(x0p + c) - hi[c], e1 = LOAD(x1p + c) - hi[c];
+        const CT e2 = LOAD(x2p + c) - hi[c], e3 = LOAD(x3p + c) - hi[c];
+        sdy[c] += (double)((g0 + g1) + (g2 + g3));
+        sdyx[c] += (double)((g0 * e0 + g1 * e1) + (g2 * e2 + g3 * e3));
+    }
+}
+
+/* Backward pass 1 sums: sdy = sum(dy), sdyx = sum(dy * (x - mean)). As in the statistics,
+   four positions are combined in the compute type, with the mean's high part hi subtracted
+   there, and added into double accumulators; the low part is applied at the end:
+   sum(dy * (x - mean)) = sum(dy * (x - hi)) - (mean - hi) * sum(dy). */
 BNCY_INLINE void FN(rows_grad_sums_impl)(const T *dy, bncy_strides dys, const T *x,
                                          bncy_strides xs, bncy_shape sh,
                                          const double *BNCY_RESTRICT mean, int64_t p0, int64_t p1,
@@ -637,19 +659,39 @@ BNCY_INLINE void FN(rows_grad_sums_impl)(const T *dy, bncy_strides dys, const T 
                                          double *BNCY_RESTRICT sdyx, const int unit_chan) {
     const int64_t sxc = unit_chan ? 1 : xs.chan, sdc = unit_chan ? 1 : dys.chan;
     FN(bncy_pos) qx = FN(pos_at)(p0, sh, xs), qd = FN(pos_at)(p0, sh, dys);
-    const double *m = mean + c0;
-    int64_t p, c;
-    for (c = 0; c < nc; c++) sdy[c] = sdyx[c] = 0.0;
-    for (p = p0; p < p1; p++) {
+    CT hi[BNCY_CBLOCK_MAX];
+    int64_t p = p0, c, j;
+    for (c = 0; c < nc; c++) {
+        sdy[c] = sdyx[c] = 0.0;
+        hi[c] = (CT)mean[c0 + c];
+    }
+    if (unit_chan) {
+        for (; p + 4 <= p1; p += 4) {
+            const T *xr[4], *dr[4];
+            for (j = 0; j < 4; j++) {
+                xr[j] = x + qx.off + c0;
+                dr[j] = dy + qd.off + c0;
+                FN(pos_next)(&qx, sh, xs);
+                FN(pos_next)(&qd, sh, dys);
+            }
+            FN(quad_grad_sums)(dr[0], dr[1], dr[2], dr[3], xr[0], xr[1], xr[2], xr[3], hi, nc,
+                               sdy, sdyx);
+        }
+    }
+    for (; p < p1; p++) {
         const T *BNCY_RESTRICT xr = x + qx.off + c0 * sxc;
         const T *BNCY_RESTRICT dr = dy + qd.off + c0 * sdc;
-        BNCY_IVDEP for (c = 0; c < nc; c++) {
+        for (c = 0; c < nc; c++) {
             const double g = (double)LOAD(dr + c * sdc);
             sdy[c] += g;
-            sdyx[c] += g * ((double)LOAD(xr + c * sxc) - m[c]);
+            sdyx[c] += g * (double)(LOAD(xr + c * sxc) - hi[c]);
         }
         FN(pos_next)(&qx, sh, xs);
         FN(pos_next)(&qd, sh, dys);
+    }
+    for (c = 0; c < nc; c++) {
+        const double lo = mean[c0 + c] - (double)hi[c];
+        if (lo != 0.0) sdyx[c] -= lo * sdy[c];
     }
 }
 
@@ -658,30 +700,37 @@ BNCY_INLINE void FN(planes_grad_sums_impl)(const T *dy, bncy_strides dys, const 
                                            int64_t p1, int64_t c, double *sdy_out,
                                            double *sdyx_out, const int unit_inner) {
     double a[BNCY_LANES] = {0}, b[BNCY_LANES] = {0};
+    const CT hi = (CT)m;
+    const double lo = m - (double)hi;
+    const int64_t q = 4 * BNCY_LANES;
     int64_t p = p0, k, l;
     while (p < p1) {
         const int64_t o = p / sh.inner, i = p - o * sh.inner;
-        const int64_t n = bncy_min64(p1 - p, sh.inner - i);
+        const int64_t n = bncy_min64(p1 - p, sh.inner - i), nq = n - n % q;
         const int64_t sxi = unit_inner ? 1 : xs.inner, sdi = unit_inner ? 1 : dys.inner;
         const T *xp = x + o * xs.outer + c * xs.chan + i * sxi;
         const T *dp = dy + o * dys.outer + c * dys.chan + i * sdi;
-        const int64_t nv = n - n % BNCY_LANES;
-        for (k = 0; k < nv; k += BNCY_LANES) {
-            for (l = 0; l < BNCY_LANES; l++) {
-                const double g = (double)LOAD(dp + (k + l) * sdi);
-                a[l] += g;
-                b[l] += g * ((double)LOAD(xp + (k + l) * sxi) - m);
+        for (k = 0; k < nq; k += q) {
+            BNCY_LANE_LOOP for (l = 0; l < BNCY_LANES; l++) {
+                const T *px = xp + (k + l) * sxi, *pd = dp + (k + l) * sdi;
+                const CT g0 = LOAD(pd), g1 = LOAD(pd + BNCY_LANES * sdi);
+                const CT g2 = LOAD(pd + 2 * BNCY_LANES * sdi), g3 = LOAD(pd + 3 * BNCY_LANES * sdi);
+                const CT d0 = LOAD(px) - hi, d1 = LOAD(px + BNCY_LANES * sxi) - hi;
+                const CT d2 = LOAD(px + 2 * BNCY_LANES * sxi) - hi;
+                const CT d3 = LOAD(px + 3 * BNCY_LANES * sxi) - hi;
+                a[l] += (double)((g0 + g1) + (g2 + g3));
+                b[l] += (double)((g0 * d0 + g1 * d1) + (g2 * d2 + g3 * d3));
             }
         }
-        for (k = nv; k < n; k++) {
+        for (k = nq; k < n; k++) {
             const double g = (double)LOAD(dp + k * sdi);
-            a[k - nv] += g;
-            b[k - nv] += g * ((double)LOAD(xp + k * sxi) - m);
+            a[(k - nq) % BNCY_LANES] += g;
+            b[(k - nq) % BNCY_LANES] += g * (double)(LOAD(xp + k * sxi) - hi);
         }
         p += n;
     }
     *sdy_out = FN(lanes_total)(a);
-    *sdyx_out = FN(lanes_total)(b);
+    *sdyx_out = FN(lanes_total)(b) - (lo != 0.0 ? lo * *sdy_out : 0.0);
 }
 
 /* Unit u of backward pass 1; part = [sum dy | sum dy*(x-mean)], each G x C, g-major. */
