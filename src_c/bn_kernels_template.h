@@ -196,7 +196,14 @@ static void FN(rows_stats_unit)(const T *x, bncy_strides xs, bncy_shape sh, cons
             double ws = 0.0;
             for (p = 0; p < ns; p++) ws += mask ? wr[p] : 1.0;
             FN(rows_tile_sum)(s, xc, xs.chan, offs, mask ? wr : NULL, ns, nc);
-            for (c = 0; c < nc; c++) mt[c] = (CT)(s[c] / ws); /* non-finite: the redo below */
+            for (c = 0; c < nc; c++) {
+                /* a sample of equal values gives that value itself, so that a constant channel
+                   has deviations exactly 0 (weights or not); a non-finite mean is redone below */
+                const CT v0 = LOAD(xc + offs[0] + c * xs.chan);
+                int same = 1;
+                for (p = 1; p < ns; p++) same &= LOAD(xc + offs[p] + c * xs.chan) == v0;
+                mt[c] = same ? v0 : (CT)(s[c] / ws);
+            }
         }
         FN(rows_tile_dev)(s1, s2, mt, xc, xs.chan, offs, mask ? wr : NULL, nr, nc);
         for (c = 0; c < nc; c++) {
@@ -268,9 +275,15 @@ BNCY_INLINE void FN(plane_tile_plain)(const T *BNCY_RESTRICT seg, int64_t si, in
     int done;
     if (!has_shift) { /* the mean of a small sample: within a fraction of a std of the tile's */
         const int64_t ns = bncy_min64(n, 4 * BNCY_LANES);
+        const CT v0 = LOAD(seg);
         double a = 0.0;
-        for (k = 0; k < ns; k++) a += (double)LOAD(seg + k * si);
-        mt = (CT)(a / (double)ns);
+        int same = 1;
+        for (k = 0; k < ns; k++) {
+            const CT v = LOAD(seg + k * si);
+            a += (double)v;
+            same &= v == v0;
+        }
+        mt = same ? v0 : (CT)(a / (double)ns); /* equal values: exactly that value */
     }
     FN(plane_dev)(seg, si, n, mt, &s1, &s2);
     done = s1 * s1 <= 0.5 * (double)n * s2 && isfinite(s2);
@@ -314,11 +327,18 @@ BNCY_INLINE void FN(plane_tile_weighted)(const T *BNCY_RESTRICT seg, int64_t si,
     double a[BNCY_LANES] = {0}, wa[BNCY_LANES] = {0};
     double b1[BNCY_LANES] = {0}, b2[BNCY_LANES] = {0};
     double wt, mt, s1, s2, m2;
-    int64_t k;
+    double first = 0.0;
+    int64_t k, seen = 0, same = 1;
     for (k = 0; k < n; k++) {
         const double w = (double)wseg[k];
-        a[k % BNCY_LANES] += w != 0.0 ? w * (double)LOAD(seg + k * si) : 0.0;
+        const double v = (double)LOAD(seg + k * si);
+        a[k % BNCY_LANES] += w != 0.0 ? w * v : 0.0;
         wa[k % BNCY_LANES] += w;
+        if (w != 0.0) {
+            if (!seen) first = v;
+            same &= v == first;
+            seen = 1;
+        }
     }
     wt = FN(lanes_total)(wa);
     *wt_out = wt;
@@ -326,7 +346,8 @@ BNCY_INLINE void FN(plane_tile_weighted)(const T *BNCY_RESTRICT seg, int64_t si,
         *mean_out = *m2_out = 0.0;
         return;
     }
-    mt = (double)(CT)(FN(lanes_total)(a) / wt);
+    /* equal weighted values: exactly that value, so a constant channel has variance 0 */
+    mt = same ? first : (double)(CT)(FN(lanes_total)(a) / wt);
     for (k = 0; k < n; k++) {
         const double w = (double)wseg[k];
         const double d = (double)LOAD(seg + k * si) - mt;
@@ -691,7 +712,22 @@ BNCY_INLINE void FN(rows_grad_sums_impl)(const T *dy, bncy_strides dys, const T 
     }
     for (c = 0; c < nc; c++) {
         const double lo = mean[c0 + c] - (double)hi[c];
-        if (lo != 0.0) sdyx[c] -= lo * sdy[c];
+        if (!isfinite(sdy[c]) || !isfinite(sdyx[c])) {
+            /* compute-type products or sums overflowed (or Inf/NaN data): redo in double */
+            FN(bncy_pos) rx = FN(pos_at)(p0, sh, xs), rd = FN(pos_at)(p0, sh, dys);
+            double a = 0.0, b = 0.0;
+            for (p = p0; p < p1; p++) {
+                const double g = (double)LOAD(dy + rd.off + (c0 + c) * dys.chan);
+                a += g;
+                b += g * ((double)LOAD(x + rx.off + (c0 + c) * xs.chan) - mean[c0 + c]);
+                FN(pos_next)(&rx, sh, xs);
+                FN(pos_next)(&rd, sh, dys);
+            }
+            sdy[c] = a;
+            sdyx[c] = b;
+        } else if (lo != 0.0) {
+            sdyx[c] -= lo * sdy[c];
+        }
     }
 }
 
@@ -731,6 +767,18 @@ BNCY_INLINE void FN(planes_grad_sums_impl)(const T *dy, bncy_strides dys, const 
     }
     *sdy_out = FN(lanes_total)(a);
     *sdyx_out = FN(lanes_total)(b) - (lo != 0.0 ? lo * *sdy_out : 0.0);
+    if (!isfinite(*sdy_out) || !isfinite(*sdyx_out)) {
+        /* compute-type products or sums overflowed (or Inf/NaN data): redo in double */
+        double ea = 0.0, eb = 0.0;
+        for (p = p0; p < p1; p++) {
+            const int64_t o = p / sh.inner, i = p - o * sh.inner;
+            const double g = (double)LOAD(dy + o * dys.outer + c * dys.chan + i * dys.inner);
+            ea += g;
+            eb += g * ((double)LOAD(x + o * xs.outer + c * xs.chan + i * xs.inner) - m);
+        }
+        *sdy_out = ea;
+        *sdyx_out = eb;
+    }
 }
 
 /* Unit u of backward pass 1; part = [sum dy | sum dy*(x-mean)], each G x C, g-major. */
@@ -944,7 +992,8 @@ int FN(bncy_grad_input)(const T *dy, bncy_strides dys, const T *x, bncy_strides 
         const double g = gamma ? gamma[c] : 1.0;
         const CT hi = (CT)mean[c];
         const double lo = mean[c] - (double)hi;
-        const double kk = training ? g * inv * inv * inv * sdyx[c] / wtotal : 0.0;
+        /* inv * (inv * (inv * sdyx)): no underflow of inv^3 for huge variances */
+        const double kk = training ? g * (inv * (inv * (inv * sdyx[c]))) / wtotal : 0.0;
         const double bb = training ? g * inv * sdy[c] / wtotal : 0.0;
         arr[c] = (CT)(g * inv);
         /* (x - mean) * K = (x - hi) * K - lo * K: the lo part is folded into B in double */
