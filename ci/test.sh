@@ -21,6 +21,7 @@
 #   BN_CY_CI_EXTRAS=test      the extras to install (default: test,mpi,keras-io)
 #   BN_CY_CI_BENCH_SMOKE=0    skip the benchmark smoke run
 #   BN_CY_CI_WHEEL=0          skip the wheel check
+#   BN_CY_CI_SANITIZE=0       skip the AddressSanitizer/UBSan run (ci/sanitize.sh)
 #   BN_CY_CI_KEEP=1           keep the temporary directory (its path is printed)
 set -euo pipefail
 
@@ -129,6 +130,11 @@ cd "$REPO"
 if [[ "${BN_CY_CI_WHEEL:-1}" != "0" ]]; then
     step "wheel: build, then install and check in another fresh environment"
     BN_CY_CI_SRC="$SRC" bash "$REPO/ci/wheel.sh" "$REPO/dist"
+fi
+
+if [[ "${BN_CY_CI_SANITIZE:-1}" != "0" ]]; then
+    step "sanitizers: the suite again on an ASan + UBSan build (ci/sanitize.sh)"
+    bash "$REPO/ci/sanitize.sh" -q
 fi
 
 step "ci/test.sh: all passed"

@@ -203,8 +203,10 @@ def check_backward(result, dy, x, mean, var, gamma, axis, eps, mask, training, r
     s_dyxh = (ady * axhat).sum(axis=red)
 
     st = rel_tol(sdt)
-    assert_close(dbeta, rdb, st * s_dy + tiny(sdt), "dbeta")
-    assert_close(dgamma, rdg, st * s_dyxh + tiny(sdt), "dgamma")
+    # in the subnormal range every rounded term costs up to half a subnormal step, absolutely
+    n_terms = x64.size // max(1, x64.shape[normalize_axis(axis, x64.ndim)]) + 1
+    assert_close(dbeta, rdb, st * s_dy + n_terms * tiny(sdt), "dbeta")
+    assert_close(dgamma, rdg, st * s_dyxh + n_terms * tiny(sdt), "dgamma")
 
     bound = ady
     if training:
