@@ -74,6 +74,9 @@ mkdir -p "$RUN" "$WORK/plugins"
 cp -R "$SRC/tests" "$RUN/tests"
 [[ -d "$SRC/benchmarks" ]] && cp -R "$SRC/benchmarks" "$RUN/benchmarks"
 cp "$SRC/pyproject.toml" "$RUN/pyproject.toml"
+# documents the tests check against their data (the bad-input table)
+cp "$SRC/README.md" "$RUN/README.md"
+[[ -d "$SRC/docs" ]] && cp -R "$SRC/docs" "$RUN/docs"
 cat > "$WORK/plugins/_bn_cy_ci_guard.py" <<'PY'
 """pytest plugin of ci/test.sh: the package under test must be the installed one."""
 import os

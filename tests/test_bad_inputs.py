@@ -121,6 +121,18 @@ def test_docs_table_matches_the_data():
         "`python tests/bad_inputs.py > docs/bad_inputs.md`")
 
 
+def test_readme_table_matches_the_data():
+    path = os.path.join(os.path.dirname(_docs_path()), os.pardir, "README.md")
+    if not os.path.exists(path):
+        pytest.skip("README.md is not beside tests/ here; the check runs in the repository")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    block = text.split("<!-- bad-inputs:begin -->\n", 1)[1].split("<!-- bad-inputs:end -->", 1)[0]
+    rendered = bad_inputs.render_markdown()
+    assert block == rendered[rendered.index("| where | argument"):].rstrip() + "\n", (
+        "README.md's bad-input table differs from tests/bad_inputs.py")
+
+
 def test_table_rows_are_unique_and_complete():
     seen = set()
     for r in ROWS:
