@@ -82,13 +82,16 @@ parameter values that forward used; ``layer.gradients`` is whatever the latest b
 The input array of a call is kept (not copied) for ``backward``: do not modify it in between.
 """
 
+import hashlib
 import json
 import math
 import numbers
 import operator
 import os
+import tempfile
 import threading
 import warnings
+import zipfile
 
 import numpy as np
 
@@ -1546,12 +1549,28 @@ class BatchNormalization:
                 w = getattr(self, name)
                 # NumPy cannot store bfloat16 without pickle; float32 holds it exactly.
                 arrays[name] = w.astype(np.float32) if w.dtype.name == "bfloat16" else w.copy()
+        meta["sha256"] = _weights_digest(meta, arrays)
         arrays[_META_KEY] = np.array(json.dumps(meta, default=_json_default))
         if hasattr(path, "write"):
             np.savez(path, **arrays)
-        else:
-            with open(path, "wb") as f:
+            return path
+        # Written next to the target and renamed into place: an interrupted save never leaves
+        # a partial file under `path` (an existing file there stays as it was).
+        path = os.fspath(path)
+        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp",
+                                   dir=os.path.dirname(os.path.abspath(path)))
+        try:
+            with os.fdopen(fd, "wb") as f:
                 np.savez(f, **arrays)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
         return path
 
     @classmethod
@@ -1564,10 +1583,27 @@ class BatchNormalization:
         if isinstance(path, (str, os.PathLike)) and not os.path.exists(path) \
                 and os.path.exists(os.fspath(path) + ".npz"):
             path = os.fspath(path) + ".npz"
-        with np.load(path, allow_pickle=False) as data:
-            if _META_KEY not in data.files:
-                raise ValueError("%r is not a file written by BatchNormalization.save" % (path,))
-            meta = json.loads(str(data[_META_KEY][()]))
+        try:
+            data = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            if isinstance(exc, FileNotFoundError):
+                raise
+            raise ValueError("%r is not a readable BatchNormalization file (truncated or "
+                             "corrupt?): %s" % (path, exc)) from None
+        with data:
+            try:
+                files = data.files
+                if _META_KEY not in files:
+                    raise ValueError("%r is not a file written by BatchNormalization.save"
+                                     % (path,))
+                meta = json.loads(str(data[_META_KEY][()]))
+                stored = {name: data[name] for name in files if name != _META_KEY}
+            except (OSError, EOFError, zipfile.BadZipFile, json.JSONDecodeError, KeyError) as exc:
+                raise ValueError("%r is truncated or corrupt: %s" % (path, exc)) from None
+            digest = meta.pop("sha256", None)
+            if digest is not None and digest != _weights_digest(meta, stored):
+                raise ValueError("%r was modified after it was saved (its checksum does not "
+                                 "match its contents)" % (path,))
             if meta.get("format") != _FILE_FORMAT or meta.get("format_version", 0) > _FILE_VERSION:
                 raise ValueError("unsupported file format %r version %r"
                                  % (meta.get("format"), meta.get("format_version")))
@@ -1577,7 +1613,7 @@ class BatchNormalization:
                 if layer.weight_names != meta["weight_names"]:
                     raise ValueError("weights in the file (%s) do not match the layer (%s)"
                                      % (meta["weight_names"], layer.weight_names))
-                layer.set_weights([data[name] for name in meta["weight_names"]])
+                layer.set_weights([stored[name] for name in meta["weight_names"]])
             layer.num_batches_tracked = int(meta.get("num_batches_tracked", 0))
         return layer
 
@@ -1628,3 +1664,17 @@ def _broadcastable(shape, target):
     if len(shape) != len(target):
         return False
     return all(s == t or s == 1 for s, t in zip(shape, target))
+
+
+def _weights_digest(meta, arrays):
+    """SHA-256 over the file's metadata (without the digest) and every array's bytes."""
+    h = hashlib.sha256(json.dumps(meta, sort_keys=True, default=_json_default).encode())
+    for name in sorted(arrays):
+        if name == _META_KEY:
+            continue
+        a = np.ascontiguousarray(arrays[name])
+        h.update(name.encode())
+        h.update(str(a.dtype).encode())
+        h.update(str(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
