@@ -416,7 +416,8 @@ def batch_norm_backward(dy, x, mean, variance, gamma=None, *, axis=-1, epsilon=1
     if dy.shape != x.shape:
         raise ValueError("dy must have the shape of x %s, got %s" % (x.shape, dy.shape))
     if dy.dtype != x.dtype:
-        dy = dy.astype(x.dtype)
+        with np.errstate(over="ignore", invalid="ignore"):  # out-of-range dy becomes +-Inf
+            dy = dy.astype(x.dtype)
     c = x.shape[ax]
     m = _channel_vector(mean, c, "mean")
     v = _channel_vector(variance, c, "variance")
