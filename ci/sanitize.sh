@@ -100,12 +100,14 @@ step "build with $SAN_FLAGS (OpenMP required)"
         BN_CY_REQUIRE_OPENMP=1 "$VPY" setup.py -q build_ext --inplace
 )
 SO="$(ls "$SRC"/bn_cy/_kernels*.so)"
-if ! ldd "$SO" | grep -q libasan || ! ldd "$SO" | grep -q libubsan; then
+# (ldd's output is captured first: `ldd | grep -q` can kill ldd with SIGPIPE under pipefail)
+LINKED="$(ldd "$SO")"
+if ! grep -q libasan <<< "$LINKED" || ! grep -q libubsan <<< "$LINKED"; then
     echo "error: $SO does not link the ASan/UBSan runtimes:" >&2
-    ldd "$SO" >&2
+    echo "$LINKED" >&2
     exit 2
 fi
-ldd "$SO" | grep -E 'libasan|libubsan|gomp'
+grep -E 'libasan|libubsan|gomp' <<< "$LINKED"
 
 step "pytest tests/ under AddressSanitizer + UndefinedBehaviorSanitizer"
 set +e

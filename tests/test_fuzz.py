@@ -931,12 +931,13 @@ def range_limited_forward(x64, ax, rv, w, odt, eps=None):
 
 def range_limited_backward(dy64, x64, ax, mean, var, gamma, eps, w, odt):
     """Channels where a term of the backward formula lies beyond the compute dtype's range:
-    xhat, dy * xhat, sum(dy) or sum(dy * xhat), gamma * inv * dy, or the dx term
-    gamma * inv * xhat_i * sum(dy * xhat) / W (and its coefficient); or where the variance is
-    +Inf (a forward's variance that overflowed: inv = 0 times a sum is 0 or NaN depending on
-    the order of operations). There dx, dgamma and dbeta are not checked. (Partial sums beyond
-    the range are the kernels' business: where every term and the result fit, they must be
-    right.)"""
+    xhat, dy * xhat, sum(dy) or sum(dy * xhat) beyond half its largest value, or the
+    elementwise dx terms gamma * inv * dy and gamma * inv * xhat_i * sum(dy * xhat) / W (and its
+    coefficient) beyond 1/64 of it (the kernels group those products in their own order, so an
+    intermediate may exceed the result by a few factors); or where the variance is +Inf (a
+    forward's variance that overflowed: inv = 0 times a sum is 0 or NaN depending on the order
+    of operations). There dx, dgamma and dbeta are not checked. (Partial sums beyond the range
+    are the kernels' business: where every term and the result fit, they must be right.)"""
     nchan = x64.shape[ax]
     if x64.size == 0:
         return np.zeros(nchan, bool)
@@ -954,10 +955,12 @@ def range_limited_backward(dy64, x64, ax, mean, var, gamma, eps, w, odt):
         sdyx = np.abs(np.sum(dm * xhat, axis=0))
         sdy = np.abs(np.sum(dm, axis=0))
         coef = g * inv * sdyx / total
-        big = np.maximum.reduce([ax_hat, np.abs(dm * xhat).max(axis=0), sdyx, sdy,
-                                 np.abs(dm).max(axis=0) * g * inv, coef, coef * ax_hat,
-                                 g * inv * sdy / total])
-    return (np.isfinite(big) & (big > cmax)) | (np.asarray(var, np.float64) == np.inf)
+        terms = np.maximum.reduce([ax_hat, np.abs(dm * xhat).max(axis=0), sdyx, sdy])
+        products = np.maximum.reduce([np.abs(dm).max(axis=0) * g * inv, coef, coef * ax_hat,
+                                      g * inv * sdy / total])
+    return ((np.isfinite(terms) & (terms > cmax))
+            | (np.isfinite(products) & (products > cmax / 32))
+            | (np.asarray(var, np.float64) == np.inf))
 
 
 def verify_train_y(c, x64, ax, rm, rv, gamma, beta, eps, odt, taint_x, y):
