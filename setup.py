@@ -14,6 +14,7 @@ at build time, by probing the compiler rather than guessing from the platform:
 
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -75,7 +76,10 @@ def _compiles_and_runs(compiler, source, compile_args, link_args):
             f.write(source)
         objects = compiler.compile(["probe.c"], extra_postargs=compile_args)
         exe = "probe" + (".exe" if sys.platform == "win32" else "")
-        compiler.link_executable(objects, "probe", extra_postargs=link_args)
+        # the extension is linked with $LDFLAGS (e.g. -fsanitize=address to match $CFLAGS);
+        # an executable is not, so the probe adds them itself
+        env_ldflags = shlex.split(os.environ.get("LDFLAGS", "")) if compiler.compiler_type != "msvc" else []
+        compiler.link_executable(objects, "probe", extra_postargs=link_args + env_ldflags)
         out = subprocess.run([os.path.join(tmp, exe)], capture_output=True, text=True, timeout=60)
         return out.returncode == 0 and out.stdout.strip() == "1"
     except Exception:  # any compile, link or run failure means "not available"

@@ -221,7 +221,7 @@ def _is_float(dt):
     return dt.kind == "f" or dt.name == "bfloat16"
 
 
-def _to_numpy(value):
+def _to_numpy(value, name="inputs"):
     """A NumPy array from an array-like, a torch tensor or another framework's tensor."""
     if isinstance(value, np.ndarray):
         return value
@@ -232,11 +232,11 @@ def _to_numpy(value):
         return value.numpy()
     if hasattr(value, "numpy") and callable(value.numpy):  # tensorflow, keras variables
         return np.asarray(value.numpy())
-    return np.asarray(value)
+    return _ops._array_like(value, name)
 
 
 def _real_array(value, name):
-    a = _to_numpy(value)
+    a = _to_numpy(value, name)
     if a.dtype.kind not in "biuf" and a.dtype.name != "bfloat16":
         raise ArgumentTypeError("%s must hold real numbers, got dtype %s" % (name, a.dtype))
     return a

@@ -165,10 +165,19 @@ def _is_bfloat16(dtype):
     return dtype.name == "bfloat16" and dtype.itemsize == 2
 
 
+def _array_like(v, name):
+    """np.asarray(v), with an error naming the argument when v is not array-like (for example a
+    ragged nested list)."""
+    try:
+        return np.asarray(v)
+    except (TypeError, ValueError) as exc:
+        raise TypeError("%s must be array-like: %s" % (name, exc)) from None
+
+
 def _as_data(x, name):
     """`x` as an ndarray the kernels accept (maybe converted), and whether it is new."""
     if not isinstance(x, np.ndarray):
-        x = np.asarray(x)
+        x = _array_like(x, name)
     dt = x.dtype
     if not dt.isnative and dt.kind == "f":
         dt = dt.newbyteorder("=")
@@ -225,10 +234,7 @@ def _channel_vector(v, channels, name):
     if type(v) is np.ndarray and v.dtype is _F64 and v.shape == (channels,) \
             and v.flags.c_contiguous:
         return v  # the common case, without a copy
-    try:
-        a = np.asarray(v)
-    except Exception as exc:
-        raise TypeError("%s must be array-like: %s" % (name, exc)) from None
+    a = _array_like(v, name)
     if a.dtype.kind not in "biuf" and not _is_bfloat16(a.dtype):
         raise TypeError("%s must be a real numeric array, got dtype %s" % (name, a.dtype))
     if a.shape != (channels,):
@@ -243,7 +249,7 @@ def _mask_weights(mask, x, axis, cdtype, rescale=True):
     """The mask as weights of the compute dtype, shaped like x without the feature axis."""
     if mask is None:
         return None
-    m = np.asarray(mask)
+    m = _array_like(mask, "mask")
     expected = x.shape[:axis] + x.shape[axis + 1:]
     if m.shape != expected:
         raise ValueError(

@@ -92,11 +92,9 @@ mkdir -p "$LOGS"
 step "build with $SAN_FLAGS (OpenMP required)"
 (
     cd "$SRC"
-    # The flags also go into CC: setup.py's OpenMP probe links a test program with the
-    # compiler's linker_exe, which does not read LDFLAGS (and an instrumented object linked
-    # without -fsanitize fails, so the probe would report "no OpenMP"). The probe then runs
-    # that sanitized program: no leak check there either.
-    ASAN_OPTIONS=detect_leaks=0 CC="$CC $SAN_FLAGS" CFLAGS="$SAN_FLAGS" LDFLAGS="$SAN_FLAGS" \
+    # setup.py's OpenMP probe links its test program with LDFLAGS too (an instrumented object
+    # linked without -fsanitize fails) and runs it: no leak check there.
+    ASAN_OPTIONS=detect_leaks=0 CC="$CC" CFLAGS="$SAN_FLAGS" LDFLAGS="$SAN_FLAGS" \
         BN_CY_REQUIRE_OPENMP=1 "$VPY" setup.py -q build_ext --inplace
 )
 SO="$(ls "$SRC"/bn_cy/_kernels*.so)"

@@ -841,16 +841,18 @@ static int FN(grad_sums)(const T *dy, bncy_strides dys, const T *x, bncy_strides
     return BNCY_OK;
 }
 
-/* Elementwise dx; A/B/K/hi/lo are per-channel arrays in the compute type. */
+/* Elementwise dx; A/B/K/inv/hi are per-channel arrays in the compute type. The centred value is
+   scaled by inv before K (xhat = (x - hi) * inv, then xhat * K): K = gamma * inv^3 * sdyx / W
+   taken in one factor is subnormal in float32 for variances near 1e38 and a small gamma. */
 typedef struct {
-    const CT *A, *B, *K, *hi;
+    const CT *A, *B, *K, *inv, *hi;
 } FN(bncy_grad_consts);
 
 BNCY_INLINE CT FN(dx_value)(CT g, CT v, CT w, int64_t c, FN(bncy_grad_consts) k,
                             const int training, const int has_mask) {
     if (!training) return k.A[c] * g;
     {
-        const CT t = k.B[c] + (v - k.hi[c]) * k.K[c];
+        const CT t = k.B[c] + ((v - k.hi[c]) * k.inv[c]) * k.K[c];
         return k.A[c] * g - (has_mask ? w * t : t);
     }
 }
@@ -985,26 +987,29 @@ int FN(bncy_grad_input)(const T *dy, bncy_strides dys, const T *x, bncy_strides 
     int64_t c;
     if (sh.outer < 0 || sh.chan < 0 || sh.inner < 0) return BNCY_ERR_ARG;
     if (C == 0 || M == 0) return BNCY_OK;
-    arr = (CT *)malloc((size_t)(4 * C) * sizeof(CT));
+    arr = (CT *)malloc((size_t)(5 * C) * sizeof(CT));
     if (!arr) return BNCY_ERR_NOMEM;
     for (c = 0; c < C; c++) {
         const double inv = 1.0 / sqrt(var[c] + eps);
         const double g = gamma ? gamma[c] : 1.0;
         const CT hi = (CT)mean[c];
         const double lo = mean[c] - (double)hi;
-        /* inv * (inv * (inv * sdyx)): no underflow of inv^3 for huge variances */
-        const double kk = training ? g * (inv * (inv * (inv * sdyx[c]))) / wtotal : 0.0;
+        /* dx = A dy - B - xhat K with xhat = (x - mean) inv and K = g inv (inv sdyx) / W;
+           inv * (inv * sdyx): no underflow of inv^2 for huge variances */
+        const double kk = training ? g * inv * (inv * sdyx[c]) / wtotal : 0.0;
         const double bb = training ? g * inv * sdy[c] / wtotal : 0.0;
         arr[c] = (CT)(g * inv);
-        /* (x - mean) * K = (x - hi) * K - lo * K: the lo part is folded into B in double */
-        arr[C + c] = (CT)(bb - (lo != 0.0 ? lo * kk : 0.0));
+        /* (x - mean) inv K = (x - hi) inv K - lo inv K: the lo part is folded into B in double */
+        arr[C + c] = (CT)(bb - (lo != 0.0 ? lo * inv * kk : 0.0));
         arr[2 * C + c] = (CT)kk;
-        arr[3 * C + c] = hi;
+        arr[3 * C + c] = (CT)inv;
+        arr[4 * C + c] = hi;
     }
     k.A = arr;
     k.B = arr + C;
     k.K = arr + 2 * C;
-    k.hi = arr + 3 * C;
+    k.inv = arr + 3 * C;
+    k.hi = arr + 4 * C;
     FN(dx_pass)(dy, dys, x, xs, dx, dxs, sh, mask, k, training, n_threads);
     free(arr);
     return BNCY_OK;
