@@ -58,6 +58,20 @@
 #define BNCY_LANE_LOOP
 #endif
 
+/* A hint to fetch the cache line at address p + d bytes, to be read soon (no effect on results;
+   the address is computed as an integer, so it may lie past the end of the data). */
+#if defined(__GNUC__) || defined(__clang__)
+#define BNCY_PREFETCH(p, d) __builtin_prefetch((const void *)((uintptr_t)(p) + (uintptr_t)(d)), 0, 3)
+#else
+#define BNCY_PREFETCH(p, d) ((void)0)
+#endif
+#ifndef BNCY_PREFETCH_BYTES
+#define BNCY_PREFETCH_BYTES 4096 /* how far ahead of a streaming read the hints run */
+#endif
+#ifndef BNCY_PREFETCH_MIN_BYTES
+#define BNCY_PREFETCH_MIN_BYTES (16.0 * 1024 * 1024) /* inputs smaller than this: no hints */
+#endif
+
 /* ---- work plan -------------------------------------------------------------------------- */
 
 /* Families of kernels, chosen from the strides of the main input. */

@@ -102,18 +102,29 @@ static BNCY_NOINLINE void FN(rows_tile_dev)(double *BNCY_RESTRICT s1, double *BN
                                             const T *BNCY_RESTRICT xc, int64_t sc,
                                             const int64_t *BNCY_RESTRICT offs,
                                             const double *BNCY_RESTRICT wr, int64_t nr,
-                                            int64_t nc) {
-    int64_t r = 0, c;
+                                            int64_t nc, int pf) {
+    int64_t r = 0, c, k;
     for (c = 0; c < nc; c++) s1[c] = s2[c] = 0.0;
     if (!wr && sc == 1) {
-        for (; r + 4 <= nr; r += 4) {
+        /* eight rows at a time: their deviations and squares summed as a balanced tree in the
+           compute type (three roundings), then added into the double accumulators; the hints
+           fetch the memory after these rows (the next rows, when the tile is contiguous) */
+        const int64_t pf_bytes = pf ? 8 * nc * (int64_t)sizeof(T) : 0;
+        for (; r + 8 <= nr; r += 8) {
             const T *BNCY_RESTRICT x0 = xc + offs[r], *BNCY_RESTRICT x1 = xc + offs[r + 1];
             const T *BNCY_RESTRICT x2 = xc + offs[r + 2], *BNCY_RESTRICT x3 = xc + offs[r + 3];
+            const T *BNCY_RESTRICT x4 = xc + offs[r + 4], *BNCY_RESTRICT x5 = xc + offs[r + 5];
+            const T *BNCY_RESTRICT x6 = xc + offs[r + 6], *BNCY_RESTRICT x7 = xc + offs[r + 7];
+            for (k = 0; k < pf_bytes; k += 64) BNCY_PREFETCH(x0, BNCY_PREFETCH_BYTES + k);
             BNCY_IVDEP for (c = 0; c < nc; c++) {
-                const CT d0 = LOAD(x0 + c) - mt[c], d1 = LOAD(x1 + c) - mt[c];
-                const CT d2 = LOAD(x2 + c) - mt[c], d3 = LOAD(x3 + c) - mt[c];
-                s1[c] += (double)((d0 + d1) + (d2 + d3));
-                s2[c] += (double)((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3));
+                const CT m = mt[c];
+                const CT d0 = LOAD(x0 + c) - m, d1 = LOAD(x1 + c) - m;
+                const CT d2 = LOAD(x2 + c) - m, d3 = LOAD(x3 + c) - m;
+                const CT d4 = LOAD(x4 + c) - m, d5 = LOAD(x5 + c) - m;
+                const CT d6 = LOAD(x6 + c) - m, d7 = LOAD(x7 + c) - m;
+                s1[c] += (double)(((d0 + d1) + (d2 + d3)) + ((d4 + d5) + (d6 + d7)));
+                s2[c] += (double)(((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)) +
+                                  ((d4 * d4 + d5 * d5) + (d6 * d6 + d7 * d7)));
             }
         }
     }
@@ -158,11 +169,12 @@ static BNCY_NOINLINE void FN(rows_merge_tile)(double *BNCY_RESTRICT gmean,
 
 static void FN(rows_stats_unit)(const T *x, bncy_strides xs, bncy_shape sh, const CT *mask,
                                 int64_t p0, int64_t p1, int64_t c0, int64_t nc, double *gw,
-                                double *gmean, double *gm2) {
+                                double *gmean, double *gm2, int pf) {
     int64_t offs[BNCY_ROWS_TILE];
     double wr[BNCY_ROWS_TILE], s[BNCY_CBLOCK_MAX];
     CT mt[BNCY_CBLOCK_MAX];
     double s1[BNCY_CBLOCK_MAX], s2[BNCY_CBLOCK_MAX];
+    CT differ[BNCY_CBLOCK_MAX];
     const int64_t tile_rows = bncy_max64(1, BNCY_ROWS_TILE / nc);
     const T *xc = x + c0 * xs.chan;
     double wgroup = 0.0;
@@ -193,26 +205,38 @@ static void FN(rows_stats_unit)(const T *x, bncy_strides xs, bncy_shape sh, cons
            overflow/NaN, the channel is redone with its exact mean (the tile is in cache). */
         if (wgroup == 0.0) { /* the group's first tile: the mean of its first few rows */
             const int64_t ns = bncy_min64(nr, 8);
+            const T *x0 = xc + offs[0];
             double ws = 0.0;
             for (p = 0; p < ns; p++) ws += mask ? wr[p] : 1.0;
             FN(rows_tile_sum)(s, xc, xs.chan, offs, mask ? wr : NULL, ns, nc);
+            /* a sample of equal values gives that value itself, so that a constant channel
+               has deviations exactly 0 (weights or not); a non-finite mean is redone below */
             for (c = 0; c < nc; c++) {
-                /* a sample of equal values gives that value itself, so that a constant channel
-                   has deviations exactly 0 (weights or not); a non-finite mean is redone below */
-                const CT v0 = LOAD(xc + offs[0] + c * xs.chan);
-                int same = 1;
-                for (p = 1; p < ns; p++) same &= LOAD(xc + offs[p] + c * xs.chan) == v0;
-                mt[c] = same ? v0 : (CT)(s[c] / ws);
+                mt[c] = LOAD(x0 + c * xs.chan);
+                differ[c] = (CT)0;
             }
+            for (p = 1; p < ns; p++) {
+                const T *xp = xc + offs[p];
+                /* counts the sampled values unequal to the first (NaN is unequal to all) */
+                if (xs.chan == 1) {
+                    BNCY_IVDEP for (c = 0; c < nc; c++)
+                        differ[c] += LOAD(xp + c) != mt[c] ? (CT)1 : (CT)0;
+                } else {
+                    for (c = 0; c < nc; c++)
+                        differ[c] += LOAD(xp + c * xs.chan) != mt[c] ? (CT)1 : (CT)0;
+                }
+            }
+            for (c = 0; c < nc; c++)
+                if (differ[c] != (CT)0) mt[c] = (CT)(s[c] / ws);
         }
-        FN(rows_tile_dev)(s1, s2, mt, xc, xs.chan, offs, mask ? wr : NULL, nr, nc);
+        FN(rows_tile_dev)(s1, s2, mt, xc, xs.chan, offs, mask ? wr : NULL, nr, nc, pf);
         for (c = 0; c < nc; c++) {
             if (!(s1[c] * s1[c] <= 0.5 * wt * s2[c]) || !isfinite(s2[c])) {
                 const double m = FN(rows_tile_mean_exact)(xc + c * xs.chan, offs,
                                                           mask ? wr : NULL, nr, wt);
                 mt[c] = (CT)m;
                 FN(rows_tile_dev)(&s1[c], &s2[c], &mt[c], xc + c * xs.chan, xs.chan, offs,
-                                  mask ? wr : NULL, nr, 1);
+                                  mask ? wr : NULL, nr, 1, 0);
                 if (!isfinite(s2[c]) && isfinite((double)mt[c])) /* squares beyond CT range */
                     FN(rows_tile_dev_exact)(&s1[c], &s2[c], (double)mt[c], xc + c * xs.chan,
                                             offs, mask ? wr : NULL, nr);
@@ -238,11 +262,15 @@ BNCY_INLINE double FN(lanes_total)(const double *a) {
    type and added into double lane accumulators (as in the rows kernels); lanes are summed in a
    fixed order. */
 BNCY_INLINE void FN(plane_dev)(const T *BNCY_RESTRICT seg, int64_t si, int64_t n, CT mt,
-                               double *s1_out, double *s2_out) {
+                               double *s1_out, double *s2_out, const int pf) {
     double b1[BNCY_LANES] = {0}, b2[BNCY_LANES] = {0};
     const int64_t q = 4 * BNCY_LANES, nq = n - n % q;
     int64_t k, l;
     for (k = 0; k < nq; k += q) {
+        if (pf && si == 1) { /* hints for the memory ahead (a quad is 64 or 128 bytes long) */
+            BNCY_PREFETCH(seg + k, BNCY_PREFETCH_BYTES);
+            if (q * sizeof(T) > 64) BNCY_PREFETCH(seg + k, BNCY_PREFETCH_BYTES + 64);
+        }
         BNCY_LANE_LOOP for (l = 0; l < BNCY_LANES; l++) {
             const T *p = seg + (k + l) * si;
             const CT d0 = LOAD(p) - mt, d1 = LOAD(p + BNCY_LANES * si) - mt;
@@ -260,64 +288,145 @@ BNCY_INLINE void FN(plane_dev)(const T *BNCY_RESTRICT seg, int64_t si, int64_t n
     *s2_out = FN(lanes_total)(b2);
 }
 
-/* Statistics of one tile without weights, in one pass over deviations from a shift: the
-   channel's running mean, or for its first tile the mean of a small sample. Where the shift is
-   too far from the tile's mean for the centered sums to keep their digits (|s1|^2 / n > s2 / 2),
-   or on overflow/NaN, it is redone in two passes, the tile mean first (the tile is in cache). The shift is rounded to the compute
-   type: then x - mt is a small multiple of x's ulp for a constant channel, every sum is exact,
-   and its variance is exactly 0. */
-BNCY_INLINE void FN(plane_tile_plain)(const T *BNCY_RESTRICT seg, int64_t si, int64_t n,
-                                      const int has_shift, CT shift, double *mean_out,
-                                      double *m2_out) {
-    double s1 = 0.0, s2 = 0.0, m2;
-    CT mt = shift;
-    int64_t k, l;
-    int done;
-    if (!has_shift) { /* the mean of a small sample: within a fraction of a std of the tile's */
-        const int64_t ns = bncy_min64(n, 4 * BNCY_LANES);
-        const CT v0 = LOAD(seg);
-        double a = 0.0;
-        int same = 1;
-        for (k = 0; k < ns; k++) {
-            const CT v = LOAD(seg + k * si);
-            a += (double)v;
-            same &= v == v0;
-        }
-        mt = same ? v0 : (CT)(a / (double)ns); /* equal values: exactly that value */
+/* Centered sums of channel c over positions [ta, tb) about the shift mt. */
+static void FN(span_dev)(const T *x, bncy_strides xs, bncy_shape sh, int64_t si, int64_t c,
+                         int64_t ta, int64_t tb, CT mt, double *s1_out, double *s2_out) {
+    double s1 = 0.0, s2 = 0.0;
+    int64_t p, k;
+    for (p = ta; p < tb;) {
+        const int64_t o = p / sh.inner, i = p - o * sh.inner;
+        const int64_t n = bncy_min64(tb - p, sh.inner - i);
+        const T *seg = x + o * xs.outer + c * xs.chan + i * si;
+        double a, b;
+        FN(plane_dev)(seg, si, n, mt, &a, &b, 0);
+        s1 += a;
+        s2 += b;
+        p += n;
     }
-    FN(plane_dev)(seg, si, n, mt, &s1, &s2);
-    done = s1 * s1 <= 0.5 * (double)n * s2 && isfinite(s2);
-    if (!done) {
-        double a[BNCY_LANES] = {0}, m;
-        const int64_t q = 4 * BNCY_LANES, nq = n - n % q;
-        for (k = 0; k < nq; k += q) {
-            BNCY_LANE_LOOP for (l = 0; l < BNCY_LANES; l++) {
-                const T *p = seg + (k + l) * si;
-                a[l] += (double)((LOAD(p) + LOAD(p + BNCY_LANES * si)) +
-                                 (LOAD(p + 2 * BNCY_LANES * si) + LOAD(p + 3 * BNCY_LANES * si)));
-            }
-        }
-        for (k = nq; k < n; k++) a[(k - nq) % BNCY_LANES] += (double)LOAD(seg + k * si);
-        m = FN(lanes_total)(a) / (double)n;
-        if (!isfinite(m)) { /* overflow of a compute-type partial sum, or Inf/NaN data */
-            double e[BNCY_LANES] = {0};
-            for (k = 0; k < n; k++) e[k % BNCY_LANES] += (double)LOAD(seg + k * si);
-            m = FN(lanes_total)(e) / (double)n;
-        }
-        mt = (CT)m;
-        FN(plane_dev)(seg, si, n, mt, &s1, &s2);
-        if (!isfinite(s2) && isfinite((double)mt)) { /* squares beyond the CT range: in double */
-            s1 = s2 = 0.0;
+    if (!isfinite(s2) && isfinite((double)mt)) { /* squares beyond the CT range: in double */
+        s1 = s2 = 0.0;
+        for (p = ta; p < tb;) {
+            const int64_t o = p / sh.inner, i = p - o * sh.inner;
+            const int64_t n = bncy_min64(tb - p, sh.inner - i);
+            const T *seg = x + o * xs.outer + c * xs.chan + i * si;
             for (k = 0; k < n; k++) {
                 const double d = (double)LOAD(seg + k * si) - (double)mt;
                 s1 += d;
                 s2 += d * d;
             }
+            p += n;
         }
     }
-    m2 = s2 - s1 * (s1 / (double)n);
-    *mean_out = (double)mt + s1 / (double)n;
-    *m2_out = m2 < 0.0 ? 0.0 : m2;
+    *s1_out = s1;
+    *s2_out = s2;
+}
+
+/* The mean of channel c over positions [ta, tb): compute-type quads into double lanes, or all in
+   double when a compute-type partial sum overflowed (or the data hold Inf/NaN). */
+static double FN(span_mean)(const T *x, bncy_strides xs, bncy_shape sh, int64_t si, int64_t c,
+                            int64_t ta, int64_t tb) {
+    double a[BNCY_LANES] = {0}, m;
+    const int64_t q = 4 * BNCY_LANES;
+    int64_t p, k, l;
+    for (p = ta; p < tb;) {
+        const int64_t o = p / sh.inner, i = p - o * sh.inner;
+        const int64_t n = bncy_min64(tb - p, sh.inner - i), nq = n - n % q;
+        const T *seg = x + o * xs.outer + c * xs.chan + i * si;
+        for (k = 0; k < nq; k += q) {
+            BNCY_LANE_LOOP for (l = 0; l < BNCY_LANES; l++) {
+                const T *e = seg + (k + l) * si;
+                a[l] += (double)((LOAD(e) + LOAD(e + BNCY_LANES * si)) +
+                                 (LOAD(e + 2 * BNCY_LANES * si) + LOAD(e + 3 * BNCY_LANES * si)));
+            }
+        }
+        for (k = nq; k < n; k++) a[(k - nq) % BNCY_LANES] += (double)LOAD(seg + k * si);
+        p += n;
+    }
+    m = FN(lanes_total)(a) / (double)(tb - ta);
+    if (!isfinite(m)) {
+        double e[BNCY_LANES] = {0};
+        for (p = ta; p < tb;) {
+            const int64_t o = p / sh.inner, i = p - o * sh.inner;
+            const int64_t n = bncy_min64(tb - p, sh.inner - i);
+            const T *seg = x + o * xs.outer + c * xs.chan + i * si;
+            for (k = 0; k < n; k++) e[k % BNCY_LANES] += (double)LOAD(seg + k * si);
+            p += n;
+        }
+        m = FN(lanes_total)(e) / (double)(tb - ta);
+    }
+    return m;
+}
+
+/* The shift of a channel's first tile: the mean of a small sample at the tile's start (within a
+   fraction of a std of the tile's mean), or exactly the sampled value when the sample holds one
+   value (then a constant channel has deviations exactly 0). */
+BNCY_INLINE CT FN(sample_shift)(const T *seg, int64_t si, int64_t n) {
+    const int64_t ns = bncy_min64(n, 8);
+    const CT v0 = LOAD(seg);
+    CT a = 0;
+    int same = 1;
+    int64_t k;
+    for (k = 0; k < ns; k++) {
+        const CT v = LOAD(seg + k * si);
+        a += v;
+        same &= v == v0;
+    }
+    if (same) return v0;
+    if (!isfinite(a)) a = (CT)0; /* a partial sum overflowed: any finite shift (redone below) */
+    return a / (CT)ns;
+}
+
+#define BNCY_SPAN_CBLOCK 256 /* channels whose tile state a planes unit keeps at once */
+
+/* Statistics without weights of positions [p0, p1) for every channel. Tiles are runs of up to
+   BNCY_PLANES_TILE positions, which may span several segments along the inner dim (short inner
+   dims: sequences, small images); each channel's tile is reduced in one pass over deviations
+   from a shift -- the channel's running mean, or for the group's first tile a sample mean --
+   and merged into the channel's running state. Where the shift is too far from the tile's mean
+   for the centered sums to keep their digits (|s1|^2 / n > s2 / 2), or on overflow/NaN, the
+   channel's tile is redone about its own mean (the tile is in cache). The shift is rounded to
+   the compute type: then x - mt is a small multiple of x's ulp for a constant channel, every
+   sum is exact, and its variance is exactly 0. Memory is read segment by segment in order. */
+BNCY_INLINE void FN(planes_stats_plain)(const T *x, bncy_strides xs, bncy_shape sh, int64_t p0,
+                                        int64_t p1, double *gw, double *gmean, double *gm2,
+                                        const int unit_inner, const int pf) {
+    const int64_t si = unit_inner ? 1 : xs.inner;
+    CT mt[BNCY_SPAN_CBLOCK];
+    double s1[BNCY_SPAN_CBLOCK], s2[BNCY_SPAN_CBLOCK];
+    int64_t c0, c, ta, p;
+    for (c = 0; c < sh.chan; c++) gw[c] = gmean[c] = gm2[c] = 0.0;
+    for (ta = p0; ta < p1; ta += BNCY_PLANES_TILE) {
+        const int64_t tb = bncy_min64(p1, ta + BNCY_PLANES_TILE);
+        const double n = (double)(tb - ta);
+        for (c0 = 0; c0 < sh.chan; c0 += BNCY_SPAN_CBLOCK) {
+            const int64_t nc = bncy_min64(BNCY_SPAN_CBLOCK, sh.chan - c0);
+            for (c = 0; c < nc; c++) s1[c] = s2[c] = 0.0;
+            for (p = ta; p < tb;) {
+                const int64_t o = p / sh.inner, i = p - o * sh.inner;
+                const int64_t len = bncy_min64(tb - p, sh.inner - i);
+                const T *seg = x + o * xs.outer + c0 * xs.chan + i * si;
+                for (c = 0; c < nc; c++) {
+                    double a, b;
+                    if (p == p0) mt[c] = FN(sample_shift)(seg + c * xs.chan, si, len);
+                    else if (p == ta) mt[c] = (CT)gmean[c0 + c];
+                    FN(plane_dev)(seg + c * xs.chan, si, len, mt[c], &a, &b, pf);
+                    s1[c] += a;
+                    s2[c] += b;
+                }
+                p += len;
+            }
+            for (c = 0; c < nc; c++) {
+                double m2;
+                if (!(s1[c] * s1[c] <= 0.5 * n * s2[c]) || !isfinite(s2[c])) {
+                    mt[c] = (CT)FN(span_mean)(x, xs, sh, si, c0 + c, ta, tb);
+                    FN(span_dev)(x, xs, sh, si, c0 + c, ta, tb, mt[c], &s1[c], &s2[c]);
+                }
+                m2 = s2[c] - s1[c] * (s1[c] / n);
+                bncy_chan_merge(&gw[c0 + c], &gmean[c0 + c], &gm2[c0 + c], n,
+                                (double)mt[c] + s1[c] / n, m2 < 0.0 ? 0.0 : m2);
+            }
+        }
+    }
 }
 
 /* The same with weights (all in double: masks are the slower, rarer path). */
@@ -361,22 +470,19 @@ BNCY_INLINE void FN(plane_tile_weighted)(const T *BNCY_RESTRICT seg, int64_t si,
     *m2_out = m2 < 0.0 ? 0.0 : m2;
 }
 
+/* A tile of a masked or broadcast plane (everything else goes through planes_stats_plain). */
 BNCY_INLINE void FN(plane_tile)(const T *BNCY_RESTRICT seg, int64_t si,
-                                const CT *BNCY_RESTRICT wseg, int64_t n, int has_shift,
-                                CT shift, double *wt_out, double *mean_out, double *m2_out,
-                                const int has_mask) {
+                                const CT *BNCY_RESTRICT wseg, int64_t n, double *wt_out,
+                                double *mean_out, double *m2_out, const int has_mask) {
     if (has_mask) {
         FN(plane_tile_weighted)(seg, si, wseg, n, wt_out, mean_out, m2_out);
-    } else if (si == 0) {
+    } else {
         /* a broadcast (zero-stride) run holds one value n times: its mean is that value and
            its deviations are 0 (NaN for Inf/NaN, as the general path gives) */
         const double v = (double)LOAD(seg);
         *wt_out = (double)n;
         *mean_out = v;
         *m2_out = v - v;
-    } else {
-        *wt_out = (double)n;
-        FN(plane_tile_plain)(seg, si, n, has_shift, shift, mean_out, m2_out);
     }
 }
 
@@ -397,8 +503,8 @@ BNCY_INLINE void FN(planes_stats_impl)(const T *x, bncy_strides xs, bncy_shape s
         const T *seg = x + o * xs.outer + i * si;
         for (c = 0; c < sh.chan; c++) {
             double tw, tmean, tm2;
-            FN(plane_tile)(seg + c * xs.chan, si, has_mask ? mask + p : NULL, n, gw[c] > 0.0,
-                           (CT)gmean[c], &tw, &tmean, &tm2, has_mask);
+            FN(plane_tile)(seg + c * xs.chan, si, has_mask ? mask + p : NULL, n, &tw, &tmean,
+                           &tm2, has_mask);
             bncy_chan_merge(&gw[c], &gmean[c], &gm2[c], tw, tmean, tm2);
         }
         p += n;
@@ -407,17 +513,18 @@ BNCY_INLINE void FN(planes_stats_impl)(const T *x, bncy_strides xs, bncy_shape s
 
 static void FN(planes_stats_unit)(const T *x, bncy_strides xs, bncy_shape sh, const CT *mask,
                                   int64_t p0, int64_t p1, double *gw, double *gmean,
-                                  double *gm2) {
+                                  double *gm2, int pf) {
     if (mask) {
         if (xs.inner == 1)
             FN(planes_stats_impl)(x, xs, sh, mask, p0, p1, gw, gmean, gm2, 1, 1);
         else
             FN(planes_stats_impl)(x, xs, sh, mask, p0, p1, gw, gmean, gm2, 1, 0);
+    } else if (xs.inner == 0) { /* a broadcast run: one value along the inner dim */
+        FN(planes_stats_impl)(x, xs, sh, NULL, p0, p1, gw, gmean, gm2, 0, 0);
+    } else if (xs.inner == 1) {
+        FN(planes_stats_plain)(x, xs, sh, p0, p1, gw, gmean, gm2, 1, pf);
     } else {
-        if (xs.inner == 1)
-            FN(planes_stats_impl)(x, xs, sh, NULL, p0, p1, gw, gmean, gm2, 0, 1);
-        else
-            FN(planes_stats_impl)(x, xs, sh, NULL, p0, p1, gw, gmean, gm2, 0, 0);
+        FN(planes_stats_plain)(x, xs, sh, p0, p1, gw, gmean, gm2, 0, pf);
     }
 }
 
@@ -429,16 +536,49 @@ static BNCY_NOINLINE void FN(stats_unit)(const T *x, bncy_strides xs, bncy_shape
     const int64_t G = plan->n_groups, C = sh.chan, g = u % G, blk = u / G;
     const int64_t p0 = g * plan->group_len, p1 = bncy_min64(plan->M, p0 + plan->group_len);
     double *pw = part, *pm = part + G * C, *pm2 = part + 2 * G * C;
+    /* prefetch hints pay where the data stream from memory, not from the caches */
+    const int pf = (double)plan->M * (double)C * sizeof(T) >= BNCY_PREFETCH_MIN_BYTES;
     if (plan->family == BNCY_ROWS) {
         const int64_t c0 = blk * plan->cblock, nc = bncy_min64(plan->cblock, C - c0);
         double gw;
         int64_t c;
         FN(rows_stats_unit)(x, xs, sh, mask, p0, p1, c0, nc, &gw, pm + g * C + c0,
-                            pm2 + g * C + c0);
+                            pm2 + g * C + c0, pf);
         for (c = 0; c < nc; c++) pw[g * C + c0 + c] = gw;
     } else {
-        FN(planes_stats_unit)(x, xs, sh, mask, p0, p1, pw + g * C, pm + g * C, pm2 + g * C);
+        FN(planes_stats_unit)(x, xs, sh, mask, p0, p1, pw + g * C, pm + g * C, pm2 + g * C, pf);
     }
+}
+
+/* Chan-merge the G groups' partials in order. A group's weight is the same for every channel
+   (weights belong to positions), so the merge factors are scalars and the channel loop
+   vectorizes. */
+static void FN(merge_groups)(const double *part, int64_t G, int64_t C, double *wsum,
+                             double *mean, double *m2sum) {
+    const double *pw = part, *pm = part + G * C, *pm2 = part + 2 * G * C;
+    double wa = 0.0;
+    int64_t g, c;
+    for (c = 0; c < C; c++) mean[c] = m2sum[c] = 0.0;
+    for (g = 0; g < G; g++) {
+        const double wb = pw[g * C], w = wa + wb;
+        const double *BNCY_RESTRICT mb = pm + g * C, *BNCY_RESTRICT m2b = pm2 + g * C;
+        if (wb == 0.0) continue;
+        if (wa == 0.0) {
+            for (c = 0; c < C; c++) {
+                mean[c] = mb[c];
+                m2sum[c] = m2b[c];
+            }
+        } else {
+            const double f = wb / w, h = wa * f;
+            BNCY_IVDEP for (c = 0; c < C; c++) {
+                const double delta = mb[c] - mean[c];
+                mean[c] += delta * f;
+                m2sum[c] += m2b[c] + delta * delta * h;
+            }
+        }
+        wa = w;
+    }
+    for (c = 0; c < C; c++) wsum[c] = wa;
 }
 
 /* Partial statistics of every channel: total weight w, mean and sum of squared deviations m2
@@ -461,16 +601,7 @@ int FN(bncy_moments_partial)(const T *x, bncy_strides xs, bncy_shape sh, const C
     if (!part) return BNCY_ERR_NOMEM;
     nt = bncy_threads_for(plan.M * C, n_threads);
     BNCY_PARALLEL_FOR(nt, u, plan.n_units, { FN(stats_unit)(x, xs, sh, mask, &plan, part, u); });
-    for (c = 0; c < C; c++) {
-        double w = 0.0, m = 0.0, m2 = 0.0;
-        int64_t g;
-        for (g = 0; g < G; g++)
-            bncy_chan_merge(&w, &m, &m2, part[g * C + c], part[(G + g) * C + c],
-                            part[(2 * G + g) * C + c]);
-        wsum[c] = w;
-        mean[c] = m;
-        m2sum[c] = m2;
-    }
+    FN(merge_groups)(part, G, C, wsum, mean, m2sum);
     free(part);
     return BNCY_OK;
 }
