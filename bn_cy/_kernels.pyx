@@ -17,6 +17,7 @@ import numpy as np
 
 cimport numpy as cnp
 from libc.stdint cimport int64_t
+from libc.stdlib cimport free, malloc
 
 cnp.import_array()
 
@@ -192,6 +193,23 @@ cdef object _narrow(cnp.ndarray v, bint keep64):
     return out
 
 
+cdef double *_scratch(Py_ssize_t n) except NULL:
+    """malloc'd room for n doubles (the caller frees it)."""
+    cdef double *buf = <double *>malloc((n + 1) * sizeof(double))
+    if buf == NULL:
+        raise MemoryError()
+    return buf
+
+
+cdef object _f32_vector(const double *src, Py_ssize_t n):
+    cdef cnp.npy_intp d = n, i
+    cdef cnp.ndarray out = cnp.PyArray_EMPTY(1, &d, cnp.NPY_FLOAT32, 0)
+    cdef float *o = <float *>cnp.PyArray_DATA(out)
+    for i in range(n):
+        o[i] = <float>src[i]
+    return out
+
+
 cdef object _finish(object out, cnp.ndarray written):
     if out is None:
         return written
@@ -212,15 +230,51 @@ cdef const void *_mask_ptr(object mask, bint rev, list keep) except? NULL:
     return cnp.PyArray_DATA(m)
 
 
-cdef const double *_vec(object v):
+cdef const double *_vec(object v, list keep) except? NULL:
+    """A per-channel vector as float64 data: the array's own when it is contiguous float64, a
+    converted copy (held in `keep` until the call ends) for contiguous float32."""
     if v is None:
         return NULL
-    return <const double *>cnp.PyArray_DATA(<cnp.ndarray>v)
+    cdef cnp.ndarray a = <cnp.ndarray>v
+    cdef cnp.ndarray d
+    cdef cnp.npy_intp n, i
+    cdef const float *s
+    cdef double *o
+    if cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT64 and cnp.PyArray_ISCARRAY_RO(a):
+        return <const double *>cnp.PyArray_DATA(a)
+    if cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT32 and cnp.PyArray_ISCARRAY_RO(a) \
+            and cnp.PyArray_ISNOTSWAPPED(a):
+        n = cnp.PyArray_SIZE(a)
+        d = cnp.PyArray_EMPTY(1, &n, cnp.NPY_FLOAT64, 0)
+        s = <const float *>cnp.PyArray_DATA(a)
+        o = <double *>cnp.PyArray_DATA(d)
+        for i in range(n):
+            o[i] = s[i]
+        keep.append(d)
+        return <const double *>cnp.PyArray_DATA(d)
+    d = np.ascontiguousarray(v, dtype=np.float64)
+    keep.append(d)
+    return <const double *>cnp.PyArray_DATA(d)
 
 
-# ---------------------------------------------------------------------------------------------
-# Operations
-# ---------------------------------------------------------------------------------------------
+def ema_update(cnp.ndarray moving, cnp.ndarray batch, double momentum, double rest):
+    """moving = moving * momentum + batch * rest, in place, in moving's dtype. Returns False
+    (and does nothing) unless both are contiguous native float32, or float64, of one length."""
+    cdef int t = cnp.PyArray_TYPE(moving)
+    cdef int64_t n = cnp.PyArray_SIZE(moving)
+    if (t != cnp.NPY_FLOAT32 and t != cnp.NPY_FLOAT64) or cnp.PyArray_TYPE(batch) != t \
+            or n != cnp.PyArray_SIZE(batch) or not cnp.PyArray_ISCARRAY(moving) \
+            or not cnp.PyArray_ISCARRAY_RO(batch) or not cnp.PyArray_ISNOTSWAPPED(moving) \
+            or not cnp.PyArray_ISNOTSWAPPED(batch):
+        return False
+    if t == cnp.NPY_FLOAT32:
+        bncy_ema_f32(<float *>cnp.PyArray_DATA(moving), <const float *>cnp.PyArray_DATA(batch),
+                     n, <float>momentum, <float>rest)
+    else:
+        bncy_ema_f64(<double *>cnp.PyArray_DATA(moving),
+                     <const double *>cnp.PyArray_DATA(batch), n, momentum, rest)
+    return True
+
 
 def moments(cnp.ndarray x, int axis, object mask, int n_threads):
     """Per-channel weighted mean and population variance (float64 for float64 x, else float32)."""
@@ -230,13 +284,30 @@ def moments(cnp.ndarray x, int axis, object mask, int n_threads):
     cdef list keep = []
     x = _input(x, axis, rev, &sh, &xs)
     cdef const void *w = _mask_ptr(mask, rev, keep)
-    cdef cnp.ndarray mean = _vec_empty(sh.chan)
-    cdef cnp.ndarray var = _vec_empty(sh.chan)
-    cdef double *pm = <double *>cnp.PyArray_DATA(mean)
-    cdef double *pv = <double *>cnp.PyArray_DATA(var)
-    cdef const void *px = cnp.PyArray_DATA(x)
     cdef int kind = _kind(x), status
-    with nogil:
+    cdef bint keep64 = kind == KIND_F64
+    # float64 statistics: the returned arrays; others: a scratch buffer narrowed at the end
+    cdef cnp.ndarray mean = _vec_empty(sh.chan) if keep64 else None
+    cdef cnp.ndarray var = _vec_empty(sh.chan) if keep64 else None
+    cdef double *pm = <double *>cnp.PyArray_DATA(mean) if keep64 else _scratch(2 * sh.chan)
+    cdef double *pv = <double *>cnp.PyArray_DATA(var) if keep64 else pm + sh.chan
+    cdef const void *px = cnp.PyArray_DATA(x)
+    try:
+        with nogil:
+            status = _moments_call(kind, px, xs, sh, w, pm, pv, n_threads)
+        _check(status)
+        if keep64:
+            return mean, var
+        return _f32_vector(pm, sh.chan), _f32_vector(pv, sh.chan)
+    finally:
+        if not keep64:
+            free(pm)
+
+
+cdef int _moments_call(int kind, const void *px, bncy_strides xs, bncy_shape sh, const void *w,
+                       double *pm, double *pv, int n_threads) nogil:
+    cdef int status
+    if True:
         if kind == KIND_F32:
             status = bncy_moments_f32(<const float *>px, xs, sh, <const float *>w, pm, pv, n_threads)
         elif kind == KIND_F64:
@@ -248,8 +319,7 @@ def moments(cnp.ndarray x, int axis, object mask, int n_threads):
         else:
             status = bncy_moments_bf16(<const bncy_bfloat16 *>px, xs, sh, <const float *>w, pm,
                                        pv, n_threads)
-    _check(status)
-    return _narrow(mean, kind == KIND_F64), _narrow(var, kind == KIND_F64)
+    return status
 
 
 def batch_norm(cnp.ndarray x, int axis, object out, object mean, object var, object gamma,
@@ -257,15 +327,16 @@ def batch_norm(cnp.ndarray x, int axis, object out, object mean, object var, obj
     """Inference normalization into `out` (or a new array); returns the result."""
     cdef bncy_shape sh
     cdef bncy_strides xs, ys
+    cdef list keep = []
     cdef bint rev = _choose_reversed(x, axis)
     x = _input(x, axis, rev, &sh, &xs)
     cdef cnp.ndarray y = _output(out, x, axis, rev, (x,), &ys)
     cdef const void *px = cnp.PyArray_DATA(x)
     cdef void *py = cnp.PyArray_DATA(y)
-    cdef const double *pm = _vec(mean)
-    cdef const double *pv = _vec(var)
-    cdef const double *pg = _vec(gamma)
-    cdef const double *pb = _vec(beta)
+    cdef const double *pm = _vec(mean, keep)
+    cdef const double *pv = _vec(var, keep)
+    cdef const double *pg = _vec(gamma, keep)
+    cdef const double *pb = _vec(beta, keep)
     cdef int kind = _kind(x), status
     with nogil:
         if kind == KIND_F32:
@@ -294,16 +365,34 @@ def batch_norm_train(cnp.ndarray x, int axis, object out, object mask, object ga
     x = _input(x, axis, rev, &sh, &xs)
     cdef cnp.ndarray y = _output(out, x, axis, rev, (x,), &ys)
     cdef const void *w = _mask_ptr(mask, rev, keep)
-    cdef cnp.ndarray mean = _vec_empty(sh.chan)
-    cdef cnp.ndarray var = _vec_empty(sh.chan)
-    cdef double *pm = <double *>cnp.PyArray_DATA(mean)
-    cdef double *pv = <double *>cnp.PyArray_DATA(var)
     cdef const void *px = cnp.PyArray_DATA(x)
     cdef void *py = cnp.PyArray_DATA(y)
-    cdef const double *pg = _vec(gamma)
-    cdef const double *pb = _vec(beta)
+    cdef const double *pg = _vec(gamma, keep)
+    cdef const double *pb = _vec(beta, keep)
     cdef int kind = _kind(x), status
-    with nogil:
+    cdef bint keep64 = kind == KIND_F64
+    # float64 statistics: the returned arrays; others: a scratch buffer narrowed at the end
+    cdef cnp.ndarray mean = _vec_empty(sh.chan) if keep64 else None
+    cdef cnp.ndarray var = _vec_empty(sh.chan) if keep64 else None
+    cdef double *pm = <double *>cnp.PyArray_DATA(mean) if keep64 else _scratch(2 * sh.chan)
+    cdef double *pv = <double *>cnp.PyArray_DATA(var) if keep64 else pm + sh.chan
+    try:
+        with nogil:
+            status = _train_call(kind, px, xs, py, ys, sh, w, pg, pb, eps, pm, pv, n_threads)
+        _check(status)
+        if keep64:
+            return _finish(out, y), mean, var
+        return _finish(out, y), _f32_vector(pm, sh.chan), _f32_vector(pv, sh.chan)
+    finally:
+        if not keep64:
+            free(pm)
+
+
+cdef int _train_call(int kind, const void *px, bncy_strides xs, void *py, bncy_strides ys,
+                     bncy_shape sh, const void *w, const double *pg, const double *pb, double eps,
+                     double *pm, double *pv, int n_threads) nogil:
+    cdef int status
+    if True:
         if kind == KIND_F32:
             status = bncy_batch_norm_train_f32(<const float *>px, xs, <float *>py, ys, sh,
                                                <const float *>w, pg, pb, eps, pm, pv, n_threads)
@@ -317,8 +406,7 @@ def batch_norm_train(cnp.ndarray x, int axis, object out, object mask, object ga
             status = bncy_batch_norm_train_bf16(<const bncy_bfloat16 *>px, xs,
                                                 <bncy_bfloat16 *>py, ys, sh, <const float *>w, pg,
                                                 pb, eps, pm, pv, n_threads)
-    _check(status)
-    return _finish(out, y), _narrow(mean, kind == KIND_F64), _narrow(var, kind == KIND_F64)
+    return status
 
 
 def batch_norm_backward(cnp.ndarray dy, cnp.ndarray x, int axis, object out, object mask,
@@ -340,9 +428,9 @@ def batch_norm_backward(cnp.ndarray dy, cnp.ndarray x, int axis, object out, obj
     cdef const void *px = cnp.PyArray_DATA(x)
     cdef const void *pdy = cnp.PyArray_DATA(dy)
     cdef void *pdx = cnp.PyArray_DATA(dx)
-    cdef const double *pm = _vec(mean)
-    cdef const double *pv = _vec(var)
-    cdef const double *pg = _vec(gamma)
+    cdef const double *pm = _vec(mean, keep)
+    cdef const double *pv = _vec(var, keep)
+    cdef const double *pg = _vec(gamma, keep)
     cdef int kind = _kind(x), status
     cdef int train = 1 if training else 0
     with nogil:
@@ -407,6 +495,7 @@ def grad_sums(cnp.ndarray dy, cnp.ndarray x, int axis, object mean, int n_thread
     """Backward pass 1: per-channel sum(dy) and sum(dy * (x - mean)), float64."""
     cdef bncy_shape sh, dsh
     cdef bncy_strides xs, dys
+    cdef list keep = []
     cdef bint rev = _choose_reversed(x, axis)
     x = _input(x, axis, rev, &sh, &xs)
     dy = _input(dy, axis, rev, &dsh, &dys)
@@ -416,7 +505,7 @@ def grad_sums(cnp.ndarray dy, cnp.ndarray x, int axis, object mean, int n_thread
     cdef double *p2 = <double *>cnp.PyArray_DATA(sdyx)
     cdef const void *px = cnp.PyArray_DATA(x)
     cdef const void *pdy = cnp.PyArray_DATA(dy)
-    cdef const double *pm = _vec(mean)
+    cdef const double *pm = _vec(mean, keep)
     cdef int kind = _kind(x), status
     with nogil:
         if kind == KIND_F32:
@@ -450,11 +539,11 @@ def grad_input(cnp.ndarray dy, cnp.ndarray x, int axis, object out, object mask,
     cdef const void *px = cnp.PyArray_DATA(x)
     cdef const void *pdy = cnp.PyArray_DATA(dy)
     cdef void *pdx = cnp.PyArray_DATA(dx)
-    cdef const double *pm = _vec(mean)
-    cdef const double *pv = _vec(var)
-    cdef const double *pg = _vec(gamma)
-    cdef const double *p1 = _vec(sdy)
-    cdef const double *p2 = _vec(sdyx)
+    cdef const double *pm = _vec(mean, keep)
+    cdef const double *pv = _vec(var, keep)
+    cdef const double *pg = _vec(gamma, keep)
+    cdef const double *p1 = _vec(sdy, keep)
+    cdef const double *p2 = _vec(sdyx, keep)
     cdef int kind = _kind(x), status
     cdef int train = 1 if training else 0
     with nogil:

@@ -99,6 +99,7 @@ from . import constraints as _constraints
 from . import initializers as _initializers
 from . import regularizers as _regularizers
 from .initializers import _np_dtype
+from . import _kernels
 from . import ops as _ops
 from .ops import batch_norm, batch_norm_backward, batch_norm_train, moments
 
@@ -370,6 +371,13 @@ _META_KEY = "bn_cy_meta"
 
 
 _DIRECT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _ema_update(moving, batch, momentum, rest):
+    """moving = moving * momentum + batch * rest in place, in moving's dtype."""
+    if moving.shape != batch.shape or not _kernels.ema_update(moving, batch, momentum, rest):
+        moving *= momentum
+        moving += batch * rest
 
 
 class _Forward:
@@ -724,14 +732,15 @@ class BatchNormalization:
                 else:
                     y, fwd = self._forward_train(xc, wd, resolved_mask)
         elif direct:
-            f64 = np.float64
+            # snapshots of the weights the backward needs (the kernels read float32 or float64
+            # vectors as they are)
             with self._lock:
-                gamma = self.gamma.astype(f64) if self.scale else None
-                beta = self.beta.astype(f64) if self.center else None
-                mean = self.moving_mean.astype(f64)
-                variance = self.moving_variance.astype(f64)
-            y = _ops._batch_norm_prevalidated(xc, self._axis_index, mean, variance, gamma, beta,
-                                              self.epsilon)
+                gamma = self.gamma.copy() if self.scale else None
+                mean = self.moving_mean.copy()
+                variance = self.moving_variance.copy()
+                y = _ops._batch_norm_prevalidated(xc, self._axis_index, mean, variance, gamma,
+                                                  self.beta if self.center else None,
+                                                  self.epsilon)
             fwd = _Forward(x=xc, mean=mean, variance=variance, gamma=gamma, batch_stats=False)
         else:
             with self._lock:
@@ -776,23 +785,20 @@ class BatchNormalization:
     def _direct_train(self, xc, wd):
         """Unmasked training call without renorm, synchronization or ghost batches: the fused
         kernel, as :func:`~bn_cy.batch_norm_train` would call it; runs under the lock."""
-        f64 = np.float64
-        gamma = self.gamma.astype(f64) if self.scale else None
-        beta = self.beta.astype(f64) if self.center else None
+        gamma = self.gamma.copy() if self.scale else None  # a snapshot for the backward
         y, mean, variance = _ops._batch_norm_train_prevalidated(
-            xc, self._axis_index, gamma, beta, self.epsilon)
+            xc, self._axis_index, gamma, self.beta if self.center else None, self.epsilon)
         # statistics in the work dtype, as the ops return them
-        mean, variance = mean.astype(wd, copy=False), variance.astype(wd, copy=False)
+        if mean.dtype is not wd:
+            mean, variance = mean.astype(wd), variance.astype(wd)
         mm, mv = self.moving_mean, self.moving_variance
         if (self.momentum is not None and mm.dtype is wd and mv.dtype is wd
                 and self.moving_variance_estimator == "biased"
                 and not self.skip_nonfinite_updates):
             # _update_moving's arithmetic, inlined
             mom, rest = self._momentum_pair(wd)
-            mm *= mom
-            mm += mean * rest
-            mv *= mom
-            mv += variance * rest
+            _ema_update(mm, mean, mom, rest)
+            _ema_update(mv, variance, mom, rest)
             self.num_batches_tracked += 1
             return y, _Forward(x=xc, mean=mean, variance=variance, gamma=gamma,
                                batch_stats=True)
@@ -1005,9 +1011,8 @@ class BatchNormalization:
             variance = (variance.astype(np.float64) * factor).astype(wd)
         mom, rest = self._momentum_pair(wd)
         for moving, batch in ((self.moving_mean, mean), (self.moving_variance, variance)):
-            if moving.dtype is wd:  # the same arithmetic, in place
-                moving *= mom
-                moving += batch * rest
+            if moving.dtype is wd:  # in place
+                _ema_update(moving, batch, mom, rest)
                 continue
             new = moving.astype(wd) * mom  # in the compute dtype, as Keras casts
             new += batch * rest

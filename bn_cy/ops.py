@@ -101,13 +101,22 @@ def _resolve_threads(n_threads, name="n_threads"):
     return n
 
 
+_omp_max_threads = _kernels.omp_max_threads
+
+
 def _threads_for_call(n_threads):
     """The thread count of one kernel call (1 in a forked child, see above)."""
     global _threads_started
-    n = _resolve_threads(n_threads)
     if _forked_child:
+        _resolve_threads(n_threads)  # still validated
         return 1
-    if n > 1:
+    if n_threads is None:  # _default_threads, inlined: it runs on every call
+        n = _global_threads
+        if n is None:
+            n = max(1, _omp_max_threads()) if _OPENMP else 1
+    else:
+        n = _resolve_threads(n_threads)
+    if n > 1 and not _threads_started:
         _threads_started = True
     return n
 
@@ -228,11 +237,12 @@ def _check_epsilon(epsilon):
 
 
 def _channel_vector(v, channels, name):
-    """A per-channel parameter as a contiguous float64 vector of length `channels`."""
+    """A per-channel parameter as a vector of length `channels` the kernels read: a float32 or
+    float64 ndarray as it is (the kernels read float32 as float64 exactly), anything else as a
+    contiguous float64 copy."""
     if v is None:
         return None
-    if type(v) is np.ndarray and v.dtype is _F64 and v.shape == (channels,) \
-            and v.flags.c_contiguous:
+    if type(v) is np.ndarray and (v.dtype is _F64 or v.dtype is _F32) and v.shape == (channels,):
         return v  # the common case, without a copy
     a = _array_like(v, name)
     if a.dtype.kind not in "biuf" and not _is_bfloat16(a.dtype):
@@ -315,6 +325,22 @@ def _check_out(out, shape, dtype):
     return out
 
 
+_INF = float("inf")
+
+
+def _plain(x, axis, epsilon=0.0):
+    """The feature axis (made non-negative) when x, axis and epsilon are of the common kinds
+    that need neither conversion nor a closer look -- a native float32/float64 ndarray, an int
+    axis in range, a finite float epsilon >= 0 -- else None (then the full validation runs, and
+    its errors)."""
+    if type(x) is np.ndarray and type(axis) is int and type(epsilon) is float:
+        dt = x.dtype
+        nd = x.ndim
+        if (dt is _F32 or dt is _F64) and -nd <= axis < nd and 0.0 <= epsilon < _INF:
+            return axis % nd
+    return None
+
+
 def _stats(mean64, var64, dt):
     """float64 statistics computed in Python (synchronized calls) typed like the kernels'."""
     if dt.type is np.float64:
@@ -337,6 +363,10 @@ def moments(x, axis=-1, *, mask=None, n_threads=None, synchronized=False, comm=N
     every rank's `x` of the MPI communicator `comm` (default ``MPI.COMM_WORLD``); see
     :mod:`bn_cy.distributed`.
     """
+    if mask is None and comm is None and synchronized is False:
+        ax = _plain(x, axis)
+        if ax is not None:  # the common call, checked as the general path would
+            return _kernels.moments(x, ax, None, _threads_for_call(n_threads))
     x = _as_data(x, "x")
     ax = _check_axis(axis, x.ndim)
     comm = _sync_comm(synchronized, comm)
@@ -355,6 +385,16 @@ def batch_norm(x, mean, variance, gamma=None, beta=None, *, axis=-1, epsilon=1e-
     None means 1, beta None means 0. Returns an array of x's dtype (float32 for bool/int input),
     written into `out` when given (which may be `x` itself).
     """
+    if out is None and mean is not None and variance is not None:
+        ax = _plain(x, axis, epsilon)
+        if ax is not None:  # the common call, checked as the general path would
+            c = x.shape[ax]
+            return _kernels.batch_norm(
+                x, ax, None, _channel_vector(mean, c, "mean"),
+                _channel_vector(variance, c, "variance"),
+                None if gamma is None else _channel_vector(gamma, c, "gamma"),
+                None if beta is None else _channel_vector(beta, c, "beta"), epsilon,
+                _threads_for_call(n_threads))
     x = _as_data(x, "x")
     ax = _check_axis(axis, x.ndim)
     c = x.shape[ax]
@@ -383,6 +423,14 @@ def batch_norm_train(x, gamma=None, beta=None, *, axis=-1, epsilon=1e-3, mask=No
     ``synchronized=True`` (or a `comm`): the statistics are those of the global batch of every
     rank of the MPI communicator (one collective per call).
     """
+    if mask is None and out is None and comm is None and synchronized is False:
+        ax = _plain(x, axis, epsilon)
+        if ax is not None:  # the common call, checked as the general path would
+            c = x.shape[ax]
+            return _kernels.batch_norm_train(
+                x, ax, None, None, None if gamma is None else _channel_vector(gamma, c, "gamma"),
+                None if beta is None else _channel_vector(beta, c, "beta"), epsilon,
+                _threads_for_call(n_threads))
     x = _as_data(x, "x")
     ax = _check_axis(axis, x.ndim)
     c = x.shape[ax]
@@ -447,7 +495,7 @@ def batch_norm_backward(dy, x, mean, variance, gamma=None, *, axis=-1, epsilon=1
         wtot, sdy_all, sdyx_all = distributed.sum_grad_sums(comm, local_w, sdy, sdyx)
         dx = _kernels.grad_input(dy, x, ax, out, w, m, v, g, eps, True, wtot, sdy_all, sdyx_all, nt)
         with np.errstate(invalid="ignore"):
-            dgamma = sdyx / np.sqrt(v + eps) if x.size else np.zeros(c)
+            dgamma = sdyx / np.sqrt(v.astype(np.float64) + eps) if x.size else np.zeros(c)
         return (dx,) + _stats(dgamma, sdy, x.dtype)
     return _kernels.batch_norm_backward(dy, x, ax, out, w, m, v, g, eps, bool(training), nt)
 

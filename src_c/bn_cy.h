@@ -80,6 +80,10 @@ BNCY_DECLARE(f64, double, double)
 BNCY_DECLARE(f16, bncy_half, float)
 BNCY_DECLARE(bf16, bncy_bfloat16, float)
 
+/* Moving averages, in place: moving = moving * momentum + batch * rest (n values). */
+void bncy_ema_f32(float *moving, const float *batch, int64_t n, float momentum, float rest);
+void bncy_ema_f64(double *moving, const double *batch, int64_t n, double momentum, double rest);
+
 /* Build and runtime facts. */
 int bncy_openmp_enabled(void);      /* 1 when compiled with OpenMP */
 int bncy_omp_max_threads(void);     /* omp_get_max_threads(), or 1 without OpenMP */

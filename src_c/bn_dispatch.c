@@ -125,6 +125,17 @@ BNCY_DEFINE(f64, double, double)
 BNCY_DEFINE(f16, bncy_half, float)
 BNCY_DEFINE(bf16, bncy_bfloat16, float)
 
+void bncy_ema_f32(float *moving, const float *batch, int64_t n, float momentum, float rest) {
+    int64_t i;
+    for (i = 0; i < n; i++) moving[i] = moving[i] * momentum + batch[i] * rest;
+}
+
+void bncy_ema_f64(double *moving, const double *batch, int64_t n, double momentum,
+                  double rest) {
+    int64_t i;
+    for (i = 0; i < n; i++) moving[i] = moving[i] * momentum + batch[i] * rest;
+}
+
 int bncy_openmp_enabled(void) {
 #ifdef _OPENMP
     return 1;
