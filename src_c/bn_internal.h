@@ -81,6 +81,8 @@
 #define BNCY_CBLOCK_MAX 512     /* channels handled together by one rows unit */
 #define BNCY_ROWS_TILE 16384    /* elements in one L2-resident two-pass tile (rows) */
 #define BNCY_PLANES_TILE 2048   /* positions in one two-pass tile (planes) */
+#define BNCY_PLANE_WHOLE_MAX 16384 /* planes up to this long are one tile, and not split
+                                      between groups */
 #define BNCY_GROUP_ELEMS 32768  /* fewer elements per group than this are not split further */
 #define BNCY_TARGET_UNITS 64    /* aim for this many independent units when the work allows */
 #define BNCY_PARALLEL_MIN 32768 /* below this many elements a call runs without a parallel region */
@@ -135,6 +137,15 @@ static inline bncy_plan bncy_make_plan(bncy_shape sh, bncy_strides xs) {
         p.n_units = p.n_groups;
     }
     p.group_len = bncy_max64(1, bncy_cdiv(p.M, p.n_groups));
+    if (p.family == BNCY_PLANES && sh.inner > 1 && p.group_len < p.M &&
+        p.group_len >= sh.inner / 2 && sh.inner <= BNCY_PLANE_WHOLE_MAX) {
+        /* groups of whole planes (the length rounded to a multiple of inner): each channel's
+           plane is then read in one sequential run, and the planes of consecutive channels
+           follow each other in memory */
+        p.group_len = bncy_max64(1, (p.group_len + sh.inner / 2) / sh.inner) * sh.inner;
+        p.n_groups = bncy_cdiv(p.M, p.group_len);
+        p.n_units = p.n_groups;
+    }
     return p;
 }
 

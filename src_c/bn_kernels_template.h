@@ -393,10 +393,13 @@ BNCY_INLINE void FN(planes_stats_plain)(const T *x, bncy_strides xs, bncy_shape 
     const int64_t si = unit_inner ? 1 : xs.inner;
     CT mt[BNCY_SPAN_CBLOCK];
     double s1[BNCY_SPAN_CBLOCK], s2[BNCY_SPAN_CBLOCK];
-    int64_t c0, c, ta, p;
+    int64_t c0, c, ta, tb, p;
     for (c = 0; c < sh.chan; c++) gw[c] = gmean[c] = gm2[c] = 0.0;
-    for (ta = p0; ta < p1; ta += BNCY_PLANES_TILE) {
-        const int64_t tb = bncy_min64(p1, ta + BNCY_PLANES_TILE);
+    for (ta = p0; ta < p1; ta = tb) {
+        /* a tile of BNCY_PLANES_TILE positions, or the rest of a plane of up to
+           BNCY_PLANE_WHOLE_MAX (read in one run per channel) */
+        const int64_t whole = sh.inner > BNCY_PLANES_TILE && sh.inner <= BNCY_PLANE_WHOLE_MAX;
+        tb = bncy_min64(p1, ta + (whole ? sh.inner - ta % sh.inner : BNCY_PLANES_TILE));
         const double n = (double)(tb - ta);
         for (c0 = 0; c0 < sh.chan; c0 += BNCY_SPAN_CBLOCK) {
             const int64_t nc = bncy_min64(BNCY_SPAN_CBLOCK, sh.chan - c0);
