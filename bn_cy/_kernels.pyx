@@ -146,6 +146,35 @@ cdef bint _same_layout(cnp.ndarray a, cnp.ndarray b):
     return True
 
 
+cdef bint _may_overlap(cnp.ndarray a, cnp.ndarray b):
+    """Whether a and b may share memory: their byte extents overlap (then NumPy decides)."""
+    cdef char *alo
+    cdef char *ahi
+    cdef char *blo
+    cdef char *bhi
+    if cnp.PyArray_SIZE(a) == 0 or cnp.PyArray_SIZE(b) == 0:
+        return False
+    _extent(a, &alo, &ahi)
+    _extent(b, &blo, &bhi)
+    if ahi <= blo or bhi <= alo:
+        return False
+    return bool(np.may_share_memory(a, b))
+
+
+cdef void _extent(cnp.ndarray a, char **lo, char **hi):
+    cdef char *p = <char *>cnp.PyArray_DATA(a)
+    cdef cnp.npy_intp span
+    cdef int d
+    lo[0] = p
+    hi[0] = p + cnp.PyArray_ITEMSIZE(a)
+    for d in range(cnp.PyArray_NDIM(a)):
+        span = (cnp.PyArray_DIMS(a)[d] - 1) * cnp.PyArray_STRIDES(a)[d]
+        if span < 0:
+            lo[0] += span
+        else:
+            hi[0] += span
+
+
 cdef cnp.ndarray _output(object out, cnp.ndarray like, int axis, bint rev, tuple reads,
                          bncy_strides *st):
     """The array the kernel writes: `out`, a new array, or a temporary to copy into `out`."""
@@ -156,7 +185,7 @@ cdef cnp.ndarray _output(object out, cnp.ndarray like, int axis, bint rev, tuple
         o = <cnp.ndarray>out
         if _view(o, axis, rev, &sh, st):
             for r in reads:
-                if not _same_layout(o, <cnp.ndarray>r) and np.may_share_memory(o, r):
+                if not _same_layout(o, <cnp.ndarray>r) and _may_overlap(o, <cnp.ndarray>r):
                     clash = True
                     break
             if not clash:

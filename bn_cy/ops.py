@@ -312,6 +312,9 @@ def _synced_stats(x, ax, w, nt, comm):
 def _check_out(out, shape, dtype):
     if out is None:
         return None
+    if type(out) is np.ndarray and out.shape == shape and out.dtype is dtype \
+            and out.flags.writeable:
+        return out  # the common case (a native dtype is checked by identity)
     if not isinstance(out, np.ndarray):
         raise ValueError("out must be a NumPy array, got %s" % type(out).__name__)
     if out.shape != shape:
@@ -385,12 +388,12 @@ def batch_norm(x, mean, variance, gamma=None, beta=None, *, axis=-1, epsilon=1e-
     None means 1, beta None means 0. Returns an array of x's dtype (float32 for bool/int input),
     written into `out` when given (which may be `x` itself).
     """
-    if out is None and mean is not None and variance is not None:
+    if (out is None or type(out) is np.ndarray) and mean is not None and variance is not None:
         ax = _plain(x, axis, epsilon)
         if ax is not None:  # the common call, checked as the general path would
             c = x.shape[ax]
             return _kernels.batch_norm(
-                x, ax, None, _channel_vector(mean, c, "mean"),
+                x, ax, _check_out(out, x.shape, x.dtype), _channel_vector(mean, c, "mean"),
                 _channel_vector(variance, c, "variance"),
                 None if gamma is None else _channel_vector(gamma, c, "gamma"),
                 None if beta is None else _channel_vector(beta, c, "beta"), epsilon,
@@ -423,12 +426,13 @@ def batch_norm_train(x, gamma=None, beta=None, *, axis=-1, epsilon=1e-3, mask=No
     ``synchronized=True`` (or a `comm`): the statistics are those of the global batch of every
     rank of the MPI communicator (one collective per call).
     """
-    if mask is None and out is None and comm is None and synchronized is False:
+    if mask is None and (out is None or type(out) is np.ndarray) and comm is None \
+            and synchronized is False:
         ax = _plain(x, axis, epsilon)
         if ax is not None:  # the common call, checked as the general path would
             c = x.shape[ax]
             return _kernels.batch_norm_train(
-                x, ax, None, None, None if gamma is None else _channel_vector(gamma, c, "gamma"),
+                x, ax, _check_out(out, x.shape, x.dtype), None, None if gamma is None else _channel_vector(gamma, c, "gamma"),
                 None if beta is None else _channel_vector(beta, c, "beta"), epsilon,
                 _threads_for_call(n_threads))
     x = _as_data(x, "x")
