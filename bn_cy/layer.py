@@ -1144,7 +1144,8 @@ class BatchNormalization:
         coef = np.where(fwd.counts > 0, g * inv / np.maximum(fwd.counts, 1), 0.0)
         correction = batch_norm(x, fwd.mean, fwd.variance, coef * sdyx, coef * sdy,
                                 axis=ax, epsilon=eps)
-        dx -= np.expand_dims(fwd.mask, -1) * correction
+        # masked-out positions are not in the statistics: no correction (not 0 * Inf = NaN)
+        dx -= np.where(np.expand_dims(fwd.mask, -1), correction, 0)
         return dx, dgamma, dbeta
 
     # -- weights --------------------------------------------------------------------------

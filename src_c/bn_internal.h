@@ -179,6 +179,18 @@ static inline bncy_plan bncy_make_plan(bncy_shape sh, bncy_strides xs) {
     } while (0)
 #endif
 
+/* The planes elementwise passes: units of (o, c, block of BNCY_ELEM_BLOCK along the inner dim),
+   or, for inner dims shorter than half a block, runs of whole (o, c) planes. Returns the blocks
+   per plane (> 0), or minus the planes per unit (< 0). */
+static inline int64_t bncy_plane_blocks(bncy_shape sh) {
+    if (sh.inner >= BNCY_ELEM_BLOCK / 2) return bncy_cdiv(sh.inner, BNCY_ELEM_BLOCK);
+    return -bncy_max64(1, BNCY_ELEM_BLOCK / bncy_max64(1, sh.inner));
+}
+
+static inline int64_t bncy_plane_units(bncy_shape sh, int64_t nb) {
+    return nb > 0 ? sh.outer * sh.chan * nb : bncy_cdiv(sh.outer * sh.chan, -nb);
+}
+
 static inline int bncy_threads_for(int64_t elements, int n_threads) {
     if (n_threads < 1 || elements < BNCY_PARALLEL_MIN) return 1;
     return n_threads;

@@ -696,19 +696,38 @@ static BNCY_NOINLINE void FN(rows_normalize_unit)(const T *x, bncy_strides xs, T
         FN(rows_normalize_impl)(x, xs, y, ys, sh, hi, a, b, p0, p1, 0);
 }
 
-/* unit u of (o, c, block of BNCY_ELEM_BLOCK along the inner dim), nb blocks per plane */
+/* Unit u of the planes elementwise passes: with nb > 0, (o, c, block of BNCY_ELEM_BLOCK along
+   the inner dim), nb blocks per plane; with nb < 0, -nb whole (o, c) planes (short inner dims). */
+BNCY_INLINE void FN(plane_range)(int64_t u, int64_t nb, bncy_shape sh, int64_t *q0, int64_t *q1,
+                                 int64_t *i0, int64_t *n) {
+    if (nb > 0) {
+        *q0 = u / nb;
+        *q1 = *q0 + 1;
+        *i0 = (u % nb) * BNCY_ELEM_BLOCK;
+        *n = bncy_min64(BNCY_ELEM_BLOCK, sh.inner - *i0);
+    } else {
+        *q0 = u * -nb;
+        *q1 = bncy_min64(sh.outer * sh.chan, *q0 - nb);
+        *i0 = 0;
+        *n = sh.inner;
+    }
+}
+
 static BNCY_NOINLINE void FN(plane_normalize_unit)(const T *x, bncy_strides xs, T *y,
                                                    bncy_strides ys, bncy_shape sh, const CT *hi,
                                                    const CT *a, const CT *b, int64_t u,
                                                    int64_t nb, int unit) {
-    const int64_t bi = u % nb, oc = u / nb, c = oc % sh.chan, o = oc / sh.chan;
-    const int64_t i0 = bi * BNCY_ELEM_BLOCK, n = bncy_min64(BNCY_ELEM_BLOCK, sh.inner - i0);
-    const T *xp = x + o * xs.outer + c * xs.chan + i0 * xs.inner;
-    T *yp = y + o * ys.outer + c * ys.chan + i0 * ys.inner;
-    if (unit)
-        FN(plane_normalize_impl)(xp, 1, yp, 1, n, hi[c], a[c], b[c]);
-    else
-        FN(plane_normalize_impl)(xp, xs.inner, yp, ys.inner, n, hi[c], a[c], b[c]);
+    int64_t q0, q1, i0, n, q;
+    FN(plane_range)(u, nb, sh, &q0, &q1, &i0, &n);
+    for (q = q0; q < q1; q++) {
+        const int64_t c = q % sh.chan, o = q / sh.chan;
+        const T *xp = x + o * xs.outer + c * xs.chan + i0 * xs.inner;
+        T *yp = y + o * ys.outer + c * ys.chan + i0 * ys.inner;
+        if (unit)
+            FN(plane_normalize_impl)(xp, 1, yp, 1, n, hi[c], a[c], b[c]);
+        else
+            FN(plane_normalize_impl)(xp, xs.inner, yp, ys.inner, n, hi[c], a[c], b[c]);
+    }
 }
 
 int FN(bncy_normalize)(const T *x, bncy_strides xs, T *y, bncy_strides ys, bncy_shape sh,
@@ -733,9 +752,8 @@ int FN(bncy_normalize)(const T *x, bncy_strides xs, T *y, bncy_strides ys, bncy_
             FN(rows_normalize_unit)(x, xs, y, ys, sh, hi, a, b, p0, bncy_min64(M, p0 + rows), unit);
         });
     } else {
-        /* units: (o, c, block of the inner dim) */
-        const int64_t blk = BNCY_ELEM_BLOCK, nb = bncy_cdiv(sh.inner, blk);
-        const int64_t n_units = sh.outer * C * nb;
+        /* units: (o, c, block of the inner dim), or runs of whole planes */
+        const int64_t nb = bncy_plane_blocks(sh), n_units = bncy_plane_units(sh, nb);
         const int unit = xs.inner == 1 && ys.inner == 1;
         BNCY_PARALLEL_FOR(nt, u, n_units, {
             FN(plane_normalize_unit)(x, xs, y, ys, sh, hi, a, b, u, nb, unit);
@@ -987,7 +1005,9 @@ BNCY_INLINE CT FN(dx_value)(CT g, CT v, CT w, int64_t c, FN(bncy_grad_consts) k,
     if (!training) return k.A[c] * g;
     {
         const CT t = k.B[c] + ((v - k.hi[c]) * k.inv[c]) * k.K[c];
-        return k.A[c] * g - (has_mask ? w * t : t);
+        /* a masked-out position (w = 0) is not in the statistics: dx = A dy exactly, even
+           where its own t overflows (0 * Inf would be NaN) */
+        return k.A[c] * g - (has_mask ? (w != (CT)0 ? w * t : (CT)0) : t);
     }
 }
 
@@ -1043,18 +1063,11 @@ static BNCY_NOINLINE void FN(rows_dx_unit)(const T *dy, bncy_strides dys, const 
         FN(rows_dx_impl)(dy, dys, x, xs, dx, dxs, sh, NULL, *k, p0, p1, 1, 0, 1);
 }
 
-/* unit u of (o, c, block of BNCY_ELEM_BLOCK along the inner dim), nb blocks per plane */
-static BNCY_NOINLINE void FN(plane_dx_unit)(const T *dy, bncy_strides dys, const T *x,
-                                            bncy_strides xs, T *dx, bncy_strides dxs,
-                                            bncy_shape sh, const CT *mask,
-                                            const FN(bncy_grad_consts) * k, int64_t u, int64_t nb,
-                                            int training, int unit) {
-    const int64_t b = u % nb, oc = u / nb, c = oc % sh.chan, o = oc / sh.chan;
-    const int64_t i0 = b * BNCY_ELEM_BLOCK, n = bncy_min64(BNCY_ELEM_BLOCK, sh.inner - i0);
-    const T *dp = dy + o * dys.outer + c * dys.chan + i0 * dys.inner;
-    const T *xp = x + o * xs.outer + c * xs.chan + i0 * xs.inner;
-    T *op = dx + o * dxs.outer + c * dxs.chan + i0 * dxs.inner;
-    const CT *wp = mask ? mask + o * sh.inner + i0 : NULL;
+BNCY_INLINE void FN(plane_dx_one)(const T *dp, bncy_strides dys, const T *xp, bncy_strides xs,
+                                  T *op, bncy_strides dxs, const CT *wp,
+                                  const FN(bncy_grad_consts) * k, int64_t n, int64_t c,
+                                  int training, int unit) {
+    const CT *mask = wp;
     if (!training)
         FN(plane_dx_impl)(dp, dys.inner, xp, xs.inner, op, dxs.inner, NULL, n, c, *k, 0, 0);
     else if (unit && mask)
@@ -1064,6 +1077,23 @@ static BNCY_NOINLINE void FN(plane_dx_unit)(const T *dy, bncy_strides dys, const
     else
         FN(plane_dx_impl)(dp, dys.inner, xp, xs.inner, op, dxs.inner, wp, n, c, *k, 1,
                           mask != NULL);
+}
+
+/* unit u as in plane_normalize_unit */
+static BNCY_NOINLINE void FN(plane_dx_unit)(const T *dy, bncy_strides dys, const T *x,
+                                            bncy_strides xs, T *dx, bncy_strides dxs,
+                                            bncy_shape sh, const CT *mask,
+                                            const FN(bncy_grad_consts) * k, int64_t u, int64_t nb,
+                                            int training, int unit) {
+    int64_t q0, q1, i0, n, q;
+    FN(plane_range)(u, nb, sh, &q0, &q1, &i0, &n);
+    for (q = q0; q < q1; q++) {
+        const int64_t c = q % sh.chan, o = q / sh.chan;
+        FN(plane_dx_one)(dy + o * dys.outer + c * dys.chan + i0 * dys.inner, dys,
+                         x + o * xs.outer + c * xs.chan + i0 * xs.inner, xs,
+                         dx + o * dxs.outer + c * dxs.chan + i0 * dxs.inner, dxs,
+                         mask ? mask + o * sh.inner + i0 : NULL, k, n, c, training, unit);
+    }
 }
 
 static void FN(dx_pass)(const T *dy, bncy_strides dys, const T *x, bncy_strides xs, T *dx,
@@ -1082,8 +1112,7 @@ static void FN(dx_pass)(const T *dy, bncy_strides dys, const T *x, bncy_strides 
                              training, unit);
         });
     } else {
-        const int64_t blk = BNCY_ELEM_BLOCK, nb = bncy_cdiv(sh.inner, blk);
-        const int64_t n_units = sh.outer * C * nb;
+        const int64_t nb = bncy_plane_blocks(sh), n_units = bncy_plane_units(sh, nb);
         const int unit = xs.inner == 1 && dys.inner == 1 && dxs.inner == 1;
         BNCY_PARALLEL_FOR(nt, u, n_units, {
             FN(plane_dx_unit)(dy, dys, x, xs, dx, dxs, sh, mask, &k, u, nb, training, unit);

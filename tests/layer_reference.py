@@ -121,7 +121,9 @@ class ReferenceBN:
             w = np.ones_like(x) if c["w"] is None else c["w"]
             total = w.sum(axis=red)
             coef = np.where(total > 0, g * inv / np.where(total > 0, total, 1.0), 0.0)
-            dx = dx - w * coef.reshape(b) * (sum_dy.reshape(b) + xhat * sum_dy_xhat.reshape(b))
+            # masked-out positions (w = 0) are not in the statistics: their term is exactly 0
+            term = coef.reshape(b) * (sum_dy.reshape(b) + xhat * sum_dy_xhat.reshape(b))
+            dx = dx - np.where(w > 0, w * term, 0.0)
         dgamma = sum_dy_xhat
         if c["r"] is not None:
             dgamma = c["r"] * sum_dy_xhat + c["d"] * sum_dy

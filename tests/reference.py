@@ -151,7 +151,8 @@ def ref_batch_norm_backward(dy, x, mean, var, gamma=None, axis=-1, eps=1e-3, mas
     """(dx, dgamma, dbeta) per the contract, float64.
 
     dbeta = sum(dy), dgamma = sum(dy * xhat) over every position (masked or not);
-    training:  dx_i = g*inv*(dy_i - (w_i/W) * (sum dy + xhat_i * sum dy*xhat))
+    training:  dx_i = g*inv*(dy_i - (w_i/W) * (sum dy + xhat_i * sum dy*xhat)), the second term
+               exactly 0 where w_i = 0
     inference: dx_i = g*inv*dy_i
     """
     x = np.asarray(x)
@@ -168,7 +169,9 @@ def ref_batch_norm_backward(dy, x, mean, var, gamma=None, axis=-1, eps=1e-3, mas
         if training:
             w = weights(mask, n)
             frac = w / w.sum()
-            dx = g * inv * (dyc - frac * (sum_dy + xhat * sum_dy_xhat))
+            # a masked-out position (w = 0) is not in the statistics: its term is exactly 0,
+            # even where the statistics' part overflows or is NaN (0 * Inf is not the math)
+            dx = g * inv * (dyc - np.where(frac > 0, frac * (sum_dy + xhat * sum_dy_xhat), 0.0))
         else:
             dx = g * inv * dyc
     return from_cols(dx, x.shape, axis), sum_dy_xhat[:, 0], sum_dy[:, 0]

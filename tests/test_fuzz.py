@@ -1422,3 +1422,17 @@ def test_fuzz_made_enough_calls(request):
         assert not WARNINGS, "bn_cy emitted warnings: %s" % WARNINGS
     assert STATS["calls"] >= required_calls(), \
         "the fuzz profile made %d calls, fewer than %d" % (STATS["calls"], required_calls())
+
+
+def test_found_masked_position_with_overflowing_statistics_term():
+    """A masked-out position is not in the statistics: its dx is gamma * inv * dy exactly, even
+    where its own statistics term (xhat * sum(dy * xhat) / W) overflows (0 * Inf must not make
+    it NaN). Found by the fuzz suite: x = [-1e150, -1.3e-4], mask = [0, 3]."""
+    x = np.array([[[-1e150, -0.00013210486329130188]]])
+    dy = np.array([[[-43.0, -49.0]]])
+    mean, var = np.array([-0.00013210486329130188]), np.array([0.0])
+    mask = np.array([[0, 3]])
+    dx = bn_cy.batch_norm_backward(dy, x, mean, var, axis=0, epsilon=1e-5, mask=mask)[0]
+    ref = ref_batch_norm_backward(dy, x, mean, var, None, 0, 1e-5, mask, True)[0]
+    assert np.all(np.isfinite(dx))
+    np.testing.assert_allclose(dx, ref, rtol=1e-12)
