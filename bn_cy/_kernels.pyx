@@ -259,9 +259,10 @@ cdef const void *_mask_ptr(object mask, bint rev, list keep) except? NULL:
     return cnp.PyArray_DATA(m)
 
 
-cdef const double *_vec(object v, list keep) except? NULL:
+cdef const double *_vec(object v, list keep, double *room=NULL) except? NULL:
     """A per-channel vector as float64 data: the array's own when it is contiguous float64, a
-    converted copy (held in `keep` until the call ends) for contiguous float32."""
+    converted copy for contiguous float32 -- into `room` (the caller's, of the vector's length)
+    when given, else a new array held in `keep` until the call ends."""
     if v is None:
         return NULL
     cdef cnp.ndarray a = <cnp.ndarray>v
@@ -274,13 +275,14 @@ cdef const double *_vec(object v, list keep) except? NULL:
     if cnp.PyArray_TYPE(a) == cnp.NPY_FLOAT32 and cnp.PyArray_ISCARRAY_RO(a) \
             and cnp.PyArray_ISNOTSWAPPED(a):
         n = cnp.PyArray_SIZE(a)
-        d = cnp.PyArray_EMPTY(1, &n, cnp.NPY_FLOAT64, 0)
+        if room == NULL:
+            d = cnp.PyArray_EMPTY(1, &n, cnp.NPY_FLOAT64, 0)
+            keep.append(d)
+            room = <double *>cnp.PyArray_DATA(d)
         s = <const float *>cnp.PyArray_DATA(a)
-        o = <double *>cnp.PyArray_DATA(d)
         for i in range(n):
-            o[i] = s[i]
-        keep.append(d)
-        return <const double *>cnp.PyArray_DATA(d)
+            room[i] = s[i]
+        return room
     d = np.ascontiguousarray(v, dtype=np.float64)
     keep.append(d)
     return <const double *>cnp.PyArray_DATA(d)
@@ -305,20 +307,28 @@ def ema_update(cnp.ndarray moving, cnp.ndarray batch, double momentum, double re
     return True
 
 
-def moments(cnp.ndarray x, int axis, object mask, int n_threads):
-    """Per-channel weighted mean and population variance (float64 for float64 x, else float32)."""
+# Per-channel vectors of up to ROOM_CHANNELS channels are converted, and float32 statistics
+# computed, in room on the stack; wider ones in arrays (the C stack stays small either way).
+cdef enum:
+    ROOM_CHANNELS = 256
+
+
+cdef object _moments(cnp.ndarray x, int axis, object mask, int n_threads):
     cdef bncy_shape sh
     cdef bncy_strides xs
     cdef bint rev = _choose_reversed(x, axis)
     cdef list keep = []
+    cdef double room[2 * ROOM_CHANNELS]
     x = _input(x, axis, rev, &sh, &xs)
     cdef const void *w = _mask_ptr(mask, rev, keep)
     cdef int kind = _kind(x), status
     cdef bint keep64 = kind == KIND_F64
-    # float64 statistics: the returned arrays; others: a scratch buffer narrowed at the end
+    # float64 statistics: the returned arrays; others: room (or scratch) narrowed at the end
+    cdef bint small = sh.chan <= ROOM_CHANNELS
     cdef cnp.ndarray mean = _vec_empty(sh.chan) if keep64 else None
     cdef cnp.ndarray var = _vec_empty(sh.chan) if keep64 else None
-    cdef double *pm = <double *>cnp.PyArray_DATA(mean) if keep64 else _scratch(2 * sh.chan)
+    cdef double *pm = <double *>cnp.PyArray_DATA(mean) if keep64 else (
+        &room[0] if small else _scratch(2 * sh.chan))
     cdef double *pv = <double *>cnp.PyArray_DATA(var) if keep64 else pm + sh.chan
     cdef const void *px = cnp.PyArray_DATA(x)
     try:
@@ -329,8 +339,13 @@ def moments(cnp.ndarray x, int axis, object mask, int n_threads):
             return mean, var
         return _f32_vector(pm, sh.chan), _f32_vector(pv, sh.chan)
     finally:
-        if not keep64:
+        if not keep64 and not small:
             free(pm)
+
+
+def moments(cnp.ndarray x, int axis, object mask, int n_threads):
+    """Per-channel weighted mean and population variance (float64 for float64 x, else float32)."""
+    return _moments(x, axis, mask, n_threads)
 
 
 cdef int _moments_call(int kind, const void *px, bncy_strides xs, bncy_shape sh, const void *w,
@@ -351,21 +366,22 @@ cdef int _moments_call(int kind, const void *px, bncy_strides xs, bncy_shape sh,
     return status
 
 
-def batch_norm(cnp.ndarray x, int axis, object out, object mean, object var, object gamma,
-               object beta, double eps, int n_threads):
-    """Inference normalization into `out` (or a new array); returns the result."""
+cdef object _batch_norm(cnp.ndarray x, int axis, object out, object mean, object var,
+                        object gamma, object beta, double eps, int n_threads):
     cdef bncy_shape sh
     cdef bncy_strides xs, ys
     cdef list keep = []
+    cdef double room[4 * ROOM_CHANNELS]
     cdef bint rev = _choose_reversed(x, axis)
     x = _input(x, axis, rev, &sh, &xs)
     cdef cnp.ndarray y = _output(out, x, axis, rev, (x,), &ys)
+    cdef bint small = sh.chan <= ROOM_CHANNELS
     cdef const void *px = cnp.PyArray_DATA(x)
     cdef void *py = cnp.PyArray_DATA(y)
-    cdef const double *pm = _vec(mean, keep)
-    cdef const double *pv = _vec(var, keep)
-    cdef const double *pg = _vec(gamma, keep)
-    cdef const double *pb = _vec(beta, keep)
+    cdef const double *pm = _vec(mean, keep, &room[0] if small else NULL)
+    cdef const double *pv = _vec(var, keep, &room[0] + sh.chan if small else NULL)
+    cdef const double *pg = _vec(gamma, keep, &room[0] + 2 * sh.chan if small else NULL)
+    cdef const double *pb = _vec(beta, keep, &room[0] + 3 * sh.chan if small else NULL)
     cdef int kind = _kind(x), status
     with nogil:
         if kind == KIND_F32:
@@ -384,26 +400,34 @@ def batch_norm(cnp.ndarray x, int axis, object out, object mean, object var, obj
     return _finish(out, y)
 
 
-def batch_norm_train(cnp.ndarray x, int axis, object out, object mask, object gamma,
-                     object beta, double eps, int n_threads):
-    """Fused training forward; returns (y, mean, var), statistics as in moments()."""
+def batch_norm(cnp.ndarray x, int axis, object out, object mean, object var, object gamma,
+               object beta, double eps, int n_threads):
+    """Inference normalization into `out` (or a new array); returns the result."""
+    return _batch_norm(x, axis, out, mean, var, gamma, beta, eps, n_threads)
+
+
+cdef object _batch_norm_train(cnp.ndarray x, int axis, object out, object mask, object gamma,
+                              object beta, double eps, int n_threads):
     cdef bncy_shape sh
     cdef bncy_strides xs, ys
     cdef bint rev = _choose_reversed(x, axis)
     cdef list keep = []
+    cdef double room[4 * ROOM_CHANNELS]
     x = _input(x, axis, rev, &sh, &xs)
     cdef cnp.ndarray y = _output(out, x, axis, rev, (x,), &ys)
     cdef const void *w = _mask_ptr(mask, rev, keep)
+    cdef bint small = sh.chan <= ROOM_CHANNELS
     cdef const void *px = cnp.PyArray_DATA(x)
     cdef void *py = cnp.PyArray_DATA(y)
-    cdef const double *pg = _vec(gamma, keep)
-    cdef const double *pb = _vec(beta, keep)
+    cdef const double *pg = _vec(gamma, keep, &room[0] + 2 * sh.chan if small else NULL)
+    cdef const double *pb = _vec(beta, keep, &room[0] + 3 * sh.chan if small else NULL)
     cdef int kind = _kind(x), status
     cdef bint keep64 = kind == KIND_F64
-    # float64 statistics: the returned arrays; others: a scratch buffer narrowed at the end
+    # float64 statistics: the returned arrays; others: room (or scratch) narrowed at the end
     cdef cnp.ndarray mean = _vec_empty(sh.chan) if keep64 else None
     cdef cnp.ndarray var = _vec_empty(sh.chan) if keep64 else None
-    cdef double *pm = <double *>cnp.PyArray_DATA(mean) if keep64 else _scratch(2 * sh.chan)
+    cdef double *pm = <double *>cnp.PyArray_DATA(mean) if keep64 else (
+        &room[0] if small else _scratch(2 * sh.chan))
     cdef double *pv = <double *>cnp.PyArray_DATA(var) if keep64 else pm + sh.chan
     try:
         with nogil:
@@ -413,8 +437,14 @@ def batch_norm_train(cnp.ndarray x, int axis, object out, object mask, object ga
             return _finish(out, y), mean, var
         return _finish(out, y), _f32_vector(pm, sh.chan), _f32_vector(pv, sh.chan)
     finally:
-        if not keep64:
+        if not keep64 and not small:
             free(pm)
+
+
+def batch_norm_train(cnp.ndarray x, int axis, object out, object mask, object gamma,
+                     object beta, double eps, int n_threads):
+    """Fused training forward; returns (y, mean, var), statistics as in moments()."""
+    return _batch_norm_train(x, axis, out, mask, gamma, beta, eps, n_threads)
 
 
 cdef int _train_call(int kind, const void *px, bncy_strides xs, void *py, bncy_strides ys,
@@ -438,14 +468,14 @@ cdef int _train_call(int kind, const void *px, bncy_strides xs, void *py, bncy_s
     return status
 
 
-def batch_norm_backward(cnp.ndarray dy, cnp.ndarray x, int axis, object out, object mask,
-                        object mean, object var, object gamma, double eps, bint training,
-                        int n_threads):
-    """Backward pass; returns (dx, dgamma, dbeta), gradients typed as moments() statistics."""
+cdef object _batch_norm_backward(cnp.ndarray dy, cnp.ndarray x, int axis, object out,
+                                 object mask, object mean, object var, object gamma, double eps,
+                                 bint training, int n_threads):
     cdef bncy_shape sh, dsh
     cdef bncy_strides xs, dys, dxs
     cdef bint rev = _choose_reversed(x, axis)
     cdef list keep = []
+    cdef double room[3 * ROOM_CHANNELS]
     x = _input(x, axis, rev, &sh, &xs)
     dy = _input(dy, axis, rev, &dsh, &dys)
     cdef cnp.ndarray dx = _output(out, x, axis, rev, (x, dy), &dxs)
@@ -457,9 +487,10 @@ def batch_norm_backward(cnp.ndarray dy, cnp.ndarray x, int axis, object out, obj
     cdef const void *px = cnp.PyArray_DATA(x)
     cdef const void *pdy = cnp.PyArray_DATA(dy)
     cdef void *pdx = cnp.PyArray_DATA(dx)
-    cdef const double *pm = _vec(mean, keep)
-    cdef const double *pv = _vec(var, keep)
-    cdef const double *pg = _vec(gamma, keep)
+    cdef bint small = sh.chan <= ROOM_CHANNELS
+    cdef const double *pm = _vec(mean, keep, &room[0] if small else NULL)
+    cdef const double *pv = _vec(var, keep, &room[0] + sh.chan if small else NULL)
+    cdef const double *pg = _vec(gamma, keep, &room[0] + 2 * sh.chan if small else NULL)
     cdef int kind = _kind(x), status
     cdef int train = 1 if training else 0
     with nogil:
@@ -485,6 +516,14 @@ def batch_norm_backward(cnp.ndarray dy, cnp.ndarray x, int axis, object out, obj
     _check(status)
     return (_finish(out, dx), _narrow(dgamma, kind == KIND_F64),
             _narrow(dbeta, kind == KIND_F64))
+
+
+def batch_norm_backward(cnp.ndarray dy, cnp.ndarray x, int axis, object out, object mask,
+                        object mean, object var, object gamma, double eps, bint training,
+                        int n_threads):
+    """Backward pass; returns (dx, dgamma, dbeta), gradients typed as moments() statistics."""
+    return _batch_norm_backward(dy, x, axis, out, mask, mean, var, gamma, eps, training,
+                                n_threads)
 
 
 def moments_partial(cnp.ndarray x, int axis, object mask, int n_threads):
@@ -595,6 +634,198 @@ def grad_input(cnp.ndarray dy, cnp.ndarray x, int axis, object out, object mask,
                                           wtotal, p1, p2, n_threads)
     _check(status)
     return _finish(out, dx)
+
+
+# ---------------------------------------------------------------------------------------------
+# Thread state. bn_cy.ops owns the policy (set_num_threads, fork safety); the state lives here so
+# that the plain calls below resolve n_threads=None without running Python code.
+# ---------------------------------------------------------------------------------------------
+
+cdef int _default_threads = 0  # set_num_threads' value; 0: OpenMP's default
+cdef bint _threads_started = False  # a call ran a parallel region (or may have)
+cdef bint _forked_child = False  # this process is a child forked after that
+
+
+def set_default_threads(int n):
+    global _default_threads
+    _default_threads = n if n > 0 else 0
+
+
+def default_threads():
+    """The thread count of a call with n_threads=None."""
+    return _threads_default()
+
+
+def default_call_threads():
+    """default_threads(), noted as started when > 1 (for a call about to run)."""
+    return _plain_threads(None)
+
+
+def mark_threads_started():
+    global _threads_started
+    _threads_started = True
+
+
+def after_fork_in_child():
+    global _forked_child
+    if _threads_started:
+        _forked_child = True
+
+
+def forked_child():
+    return _forked_child
+
+
+cdef int _threads_default():
+    cdef int n
+    if _forked_child:
+        return 1
+    if _default_threads > 0:
+        return _default_threads
+    n = bncy_omp_max_threads()
+    return n if n > 1 else 1
+
+
+cdef int _plain_threads(object n_threads) except -1:
+    """The thread count of a call given n_threads None or an int in [1, 4096]; 0 otherwise."""
+    global _threads_started
+    cdef long n
+    if n_threads is None:
+        n = _threads_default()
+    elif type(n_threads) is int and 1 <= n_threads <= 4096:
+        n = 1 if _forked_child else <long>n_threads
+    else:
+        return 0
+    if n > 1:
+        _threads_started = True
+    return <int>n
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain calls: the public operations' common case, recognized without running Python code. Each
+# returns None unless every argument is of the kind that needs neither conversion nor a closer
+# look (then bn_cy.ops validates and converts, with its error messages, and calls the wrappers
+# above): x a float32/float64 ndarray of native byte order, an int axis in range, a float epsilon
+# in [0, inf), per-channel vectors None or float32/float64 ndarrays of shape (channels,), `out`
+# None or an ndarray of x's shape and dtype that is writeable, n_threads None or an int >= 1.
+# ---------------------------------------------------------------------------------------------
+
+cdef int _plain_axis(object x, object axis) except -2:
+    """The non-negative feature axis of a plain x, or -1."""
+    cdef cnp.ndarray a
+    cdef int t, nd
+    cdef long ax
+    if type(x) is not cnp.ndarray or type(axis) is not int:
+        return -1
+    a = <cnp.ndarray>x
+    t = cnp.PyArray_TYPE(a)
+    if (t != cnp.NPY_FLOAT32 and t != cnp.NPY_FLOAT64) or not cnp.PyArray_ISNOTSWAPPED(a):
+        return -1
+    nd = cnp.PyArray_NDIM(a)
+    if not -nd <= axis < nd:
+        return -1
+    ax = <long>axis
+    return <int>(ax + nd if ax < 0 else ax)
+
+
+cdef bint _plain_eps(object epsilon):
+    return type(epsilon) is float and 0.0 <= <double>epsilon < float("inf")
+
+
+cdef bint _plain_vec(object v, cnp.npy_intp channels):
+    cdef cnp.ndarray a
+    cdef int t
+    if v is None:
+        return True
+    if type(v) is not cnp.ndarray:
+        return False
+    a = <cnp.ndarray>v
+    t = cnp.PyArray_TYPE(a)
+    return ((t == cnp.NPY_FLOAT32 or t == cnp.NPY_FLOAT64) and cnp.PyArray_ISNOTSWAPPED(a)
+            and cnp.PyArray_NDIM(a) == 1 and cnp.PyArray_DIMS(a)[0] == channels)
+
+
+cdef bint _plain_like(object a, cnp.ndarray x, bint write):
+    """Whether `a` is an ndarray of x's shape and dtype (and writeable, if `write`)."""
+    cdef cnp.ndarray o
+    cdef int d
+    if type(a) is not cnp.ndarray:
+        return False
+    o = <cnp.ndarray>a
+    if cnp.PyArray_TYPE(o) != cnp.PyArray_TYPE(x) or not cnp.PyArray_ISNOTSWAPPED(o) \
+            or (write and not cnp.PyArray_ISWRITEABLE(o)) \
+            or cnp.PyArray_NDIM(o) != cnp.PyArray_NDIM(x):
+        return False
+    for d in range(cnp.PyArray_NDIM(x)):
+        if cnp.PyArray_DIMS(o)[d] != cnp.PyArray_DIMS(x)[d]:
+            return False
+    return True
+
+
+cdef bint _plain_out(object out, cnp.ndarray x):
+    return out is None or _plain_like(out, x, True)
+
+
+def moments_plain(x, axis, n_threads):
+    cdef int ax = _plain_axis(x, axis)
+    cdef int nt
+    if ax < 0:
+        return None
+    nt = _plain_threads(n_threads)
+    if nt == 0:
+        return None
+    return _moments(<cnp.ndarray>x, ax, None, nt)
+
+
+def batch_norm_plain(x, mean, var, gamma, beta, axis, epsilon, out, n_threads):
+    cdef int ax = _plain_axis(x, axis)
+    cdef int nt
+    cdef cnp.npy_intp c
+    if ax < 0 or mean is None or var is None or not _plain_eps(epsilon) \
+            or not _plain_out(out, <cnp.ndarray>x):
+        return None
+    c = cnp.PyArray_DIMS(<cnp.ndarray>x)[ax]
+    if not (_plain_vec(mean, c) and _plain_vec(var, c) and _plain_vec(gamma, c)
+            and _plain_vec(beta, c)):
+        return None
+    nt = _plain_threads(n_threads)
+    if nt == 0:
+        return None
+    return _batch_norm(<cnp.ndarray>x, ax, out, mean, var, gamma, beta, <double>epsilon, nt)
+
+
+def batch_norm_train_plain(x, gamma, beta, axis, epsilon, out, n_threads):
+    cdef int ax = _plain_axis(x, axis)
+    cdef int nt
+    cdef cnp.npy_intp c
+    if ax < 0 or not _plain_eps(epsilon) or not _plain_out(out, <cnp.ndarray>x):
+        return None
+    c = cnp.PyArray_DIMS(<cnp.ndarray>x)[ax]
+    if not (_plain_vec(gamma, c) and _plain_vec(beta, c)):
+        return None
+    nt = _plain_threads(n_threads)
+    if nt == 0:
+        return None
+    return _batch_norm_train(<cnp.ndarray>x, ax, out, None, gamma, beta, <double>epsilon, nt)
+
+
+def batch_norm_backward_plain(dy, x, mean, var, gamma, axis, epsilon, training, out,
+                              n_threads):
+    cdef int ax = _plain_axis(x, axis)
+    cdef int nt
+    cdef cnp.npy_intp c
+    if ax < 0 or mean is None or var is None or type(training) is not bool \
+            or not _plain_eps(epsilon) or not _plain_out(out, <cnp.ndarray>x) \
+            or not _plain_like(dy, <cnp.ndarray>x, False):
+        return None
+    c = cnp.PyArray_DIMS(<cnp.ndarray>x)[ax]
+    if not (_plain_vec(mean, c) and _plain_vec(var, c) and _plain_vec(gamma, c)):
+        return None
+    nt = _plain_threads(n_threads)
+    if nt == 0:
+        return None
+    return _batch_norm_backward(<cnp.ndarray>dy, <cnp.ndarray>x, ax, out, None, mean, var,
+                                gamma, <double>epsilon, <bint>training, nt)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -47,7 +47,6 @@ if os.environ.get("OMP_NUM_THREADS") is not None and not os.environ["OMP_NUM_THR
     del os.environ["OMP_NUM_THREADS"]
 
 _thread_lock = threading.Lock()
-_global_threads = None  # set by set_num_threads; None = follow OpenMP (OMP_NUM_THREADS, threadpoolctl)
 
 
 def _core_count():
@@ -62,30 +61,16 @@ _OPENMP = _kernels.openmp_enabled()
 
 # GNU libgomp cannot run a parallel region in a child forked after the parent ran one (the
 # child waits forever for the parent's pool threads, which do not exist there). So a forked
-# child of a process that used threads computes serially: same results, no hang.
-_threads_started = False
-_forked_child = False
-
-
-def _after_fork_in_child():
-    global _forked_child
-    if _threads_started:
-        _forked_child = True
-
-
+# child of a process that used threads computes serially: same results, no hang. The state
+# (the set_num_threads value, whether threads ran, whether this is such a child) is kept by
+# the extension, which resolves n_threads=None of the common calls itself.
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+    os.register_at_fork(after_in_child=_kernels.after_fork_in_child)
 
 
 def _default_threads():
-    if _forked_child:
-        return 1
-    if _global_threads is not None:
-        return _global_threads
-    if _OPENMP:
-        # The OpenMP runtime reads OMP_NUM_THREADS and is what threadpoolctl limits.
-        return max(1, _kernels.omp_max_threads())
-    return 1
+    # set_num_threads' value, else OpenMP's (OMP_NUM_THREADS, threadpoolctl's limit), else 1
+    return _kernels.default_threads()
 
 
 def _resolve_threads(n_threads, name="n_threads"):
@@ -101,23 +86,16 @@ def _resolve_threads(n_threads, name="n_threads"):
     return n
 
 
-_omp_max_threads = _kernels.omp_max_threads
-
-
 def _threads_for_call(n_threads):
     """The thread count of one kernel call (1 in a forked child, see above)."""
-    global _threads_started
-    if _forked_child:
+    if n_threads is None:
+        return _kernels.default_call_threads()
+    if _kernels.forked_child():
         _resolve_threads(n_threads)  # still validated
         return 1
-    if n_threads is None:  # _default_threads, inlined: it runs on every call
-        n = _global_threads
-        if n is None:
-            n = max(1, _omp_max_threads()) if _OPENMP else 1
-    else:
-        n = _resolve_threads(n_threads)
-    if n > 1 and not _threads_started:
-        _threads_started = True
+    n = _resolve_threads(n_threads)
+    if n > 1:
+        _kernels.mark_threads_started()
     return n
 
 
@@ -127,11 +105,10 @@ def set_num_threads(n):
     ``n=None`` returns to the default (OpenMP's: ``OMP_NUM_THREADS`` or the core count, and
     whatever ``threadpoolctl`` imposes). Negative values count back from the core count.
     """
-    global _global_threads
     value = None if n is None else _resolve_threads(n, "n")
     with _thread_lock:
         previous = get_num_threads()
-        _global_threads = value
+        _kernels.set_default_threads(0 if value is None else value)
     return previous
 
 
@@ -328,22 +305,6 @@ def _check_out(out, shape, dtype):
     return out
 
 
-_INF = float("inf")
-
-
-def _plain(x, axis, epsilon=0.0):
-    """The feature axis (made non-negative) when x, axis and epsilon are of the common kinds
-    that need neither conversion nor a closer look -- a native float32/float64 ndarray, an int
-    axis in range, a finite float epsilon >= 0 -- else None (then the full validation runs, and
-    its errors)."""
-    if type(x) is np.ndarray and type(axis) is int and type(epsilon) is float:
-        dt = x.dtype
-        nd = x.ndim
-        if (dt is _F32 or dt is _F64) and -nd <= axis < nd and 0.0 <= epsilon < _INF:
-            return axis % nd
-    return None
-
-
 def _stats(mean64, var64, dt):
     """float64 statistics computed in Python (synchronized calls) typed like the kernels'."""
     if dt.type is np.float64:
@@ -367,9 +328,9 @@ def moments(x, axis=-1, *, mask=None, n_threads=None, synchronized=False, comm=N
     :mod:`bn_cy.distributed`.
     """
     if mask is None and comm is None and synchronized is False:
-        ax = _plain(x, axis)
-        if ax is not None:  # the common call, checked as the general path would
-            return _kernels.moments(x, ax, None, _threads_for_call(n_threads))
+        r = _kernels.moments_plain(x, axis, n_threads)  # the common call, or None
+        if r is not None:
+            return r
     x = _as_data(x, "x")
     ax = _check_axis(axis, x.ndim)
     comm = _sync_comm(synchronized, comm)
@@ -388,16 +349,9 @@ def batch_norm(x, mean, variance, gamma=None, beta=None, *, axis=-1, epsilon=1e-
     None means 1, beta None means 0. Returns an array of x's dtype (float32 for bool/int input),
     written into `out` when given (which may be `x` itself).
     """
-    if (out is None or type(out) is np.ndarray) and mean is not None and variance is not None:
-        ax = _plain(x, axis, epsilon)
-        if ax is not None:  # the common call, checked as the general path would
-            c = x.shape[ax]
-            return _kernels.batch_norm(
-                x, ax, _check_out(out, x.shape, x.dtype), _channel_vector(mean, c, "mean"),
-                _channel_vector(variance, c, "variance"),
-                None if gamma is None else _channel_vector(gamma, c, "gamma"),
-                None if beta is None else _channel_vector(beta, c, "beta"), epsilon,
-                _threads_for_call(n_threads))
+    r = _kernels.batch_norm_plain(x, mean, variance, gamma, beta, axis, epsilon, out, n_threads)
+    if r is not None:  # the common call, checked as below
+        return r
     x = _as_data(x, "x")
     ax = _check_axis(axis, x.ndim)
     c = x.shape[ax]
@@ -426,15 +380,10 @@ def batch_norm_train(x, gamma=None, beta=None, *, axis=-1, epsilon=1e-3, mask=No
     ``synchronized=True`` (or a `comm`): the statistics are those of the global batch of every
     rank of the MPI communicator (one collective per call).
     """
-    if mask is None and (out is None or type(out) is np.ndarray) and comm is None \
-            and synchronized is False:
-        ax = _plain(x, axis, epsilon)
-        if ax is not None:  # the common call, checked as the general path would
-            c = x.shape[ax]
-            return _kernels.batch_norm_train(
-                x, ax, _check_out(out, x.shape, x.dtype), None, None if gamma is None else _channel_vector(gamma, c, "gamma"),
-                None if beta is None else _channel_vector(beta, c, "beta"), epsilon,
-                _threads_for_call(n_threads))
+    if mask is None and comm is None and synchronized is False:
+        r = _kernels.batch_norm_train_plain(x, gamma, beta, axis, epsilon, out, n_threads)
+        if r is not None:  # the common call, checked as below
+            return r
     x = _as_data(x, "x")
     ax = _check_axis(axis, x.ndim)
     c = x.shape[ax]
@@ -468,6 +417,11 @@ def batch_norm_backward(dy, x, mean, variance, gamma=None, *, axis=-1, epsilon=1
     dgamma and dbeta stay this rank's contributions (their sum over ranks is the global gradient,
     ready for a data-parallel all-reduce of parameter gradients).
     """
+    if mask is None and comm is None and synchronized is False:
+        r = _kernels.batch_norm_backward_plain(dy, x, mean, variance, gamma, axis, epsilon,
+                                               training, out, n_threads)
+        if r is not None:  # the common call, checked as below
+            return r
     x = _as_data(x, "x")
     dy = _as_data(dy, "dy")
     ax = _check_axis(axis, x.ndim)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import bn_cy
-from bn_cy import ops
+from bn_cy import _kernels
 
 
 def _arrays(dtype, shape=(6, 5, 4), seed=0):
@@ -25,19 +25,59 @@ def _same(a, b):
 
 
 def test_plain_recognizes_only_the_common_kinds():
+    """The extension's plain entries compute the common calls and return None for anything
+    else, which the ops then validate (and convert, or reject) themselves."""
     x = np.zeros((3, 4), np.float32)
-    assert ops._plain(x, -1, 1e-3) == 1
-    assert ops._plain(x, 0) == 0
-    assert ops._plain(x, np.int64(-1)) is None  # general path
-    assert ops._plain(x, True) is None
-    assert ops._plain(x, 2) is None  # out of range: the general path raises
-    assert ops._plain(x, -1, 1) is None  # int epsilon
-    assert ops._plain(x, -1, float("nan")) is None
-    assert ops._plain(x, -1, -1.0) is None
-    assert ops._plain(x.astype(">f4"), -1) is None
-    assert ops._plain(x.astype(np.float16), -1) is None
-    assert ops._plain(np.float32(1.0), 0) is None
-    assert ops._plain(x.tolist(), -1) is None
+    g = np.ones(4, np.float32)
+    train = _kernels.batch_norm_train_plain
+    assert train(x, g, None, -1, 1e-3, None, None) is not None
+    assert train(x, None, g[:3].astype(np.float64), -2, 0.0, np.empty_like(x), 1) is not None
+    assert train(x.astype(np.float64), None, None, 1, 1e-3, None, 2) is not None
+    for args in [
+        (x, None, None, np.int64(-1), 1e-3, None, None),  # NumPy integer axis
+        (x, None, None, True, 1e-3, None, None),  # bool axis
+        (x, None, None, 2, 1e-3, None, None),  # out of range: the ops raise
+        (x, None, None, -3, 1e-3, None, None),
+        (x, None, None, -1, 1, None, None),  # int epsilon
+        (x, None, None, -1, float("nan"), None, None),
+        (x, None, None, -1, float("inf"), None, None),
+        (x, None, None, -1, -1.0, None, None),
+        (x.astype(">f4"), None, None, -1, 1e-3, None, None),
+        (x.astype(np.float16), None, None, -1, 1e-3, None, None),
+        (np.float32(1.0), None, None, 0, 1e-3, None, None),
+        (x.tolist(), None, None, -1, 1e-3, None, None),
+        (x, g[:3], None, -1, 1e-3, None, None),  # wrong length
+        (x, None, g.reshape(1, 4), -1, 1e-3, None, None),
+        (x, None, g.astype(np.float16), -1, 1e-3, None, None),
+        (x, None, g.astype(">f4"), -1, 1e-3, None, None),
+        (x, list(g), None, -1, 1e-3, None, None),
+        (x, None, None, -1, 1e-3, np.empty((3, 4), np.float64), None),  # out dtype
+        (x, None, None, -1, 1e-3, np.empty((4, 3), np.float32), None),  # out shape
+        (x, None, None, -1, 1e-3, np.empty((3, 4, 1), np.float32), None),
+        (x, None, None, -1, 1e-3, np.broadcast_to(np.float32(0), (3, 4)), None),  # read-only
+        (x, None, None, -1, 1e-3, [[0.0] * 4] * 3, None),
+        (x, None, None, -1, 1e-3, None, 0),
+        (x, None, None, -1, 1e-3, None, -1),  # counts back from the cores: the ops resolve it
+        (x, None, None, -1, 1e-3, None, np.int64(2)),
+        (x, None, None, -1, 1e-3, None, 1.0),
+        (x, None, None, -1, 1e-3, None, 10**30),
+    ]:
+        assert train(*args) is None, args
+    mean, var = np.zeros(4, np.float32), np.ones(4)
+    infer = _kernels.batch_norm_plain
+    assert infer(x, mean, var, None, None, 1, 1e-3, None, None) is not None
+    assert infer(x, None, var, None, None, 1, 1e-3, None, None) is None
+    assert infer(x, mean, None, None, None, 1, 1e-3, None, None) is None
+    assert infer(x, mean[:2], var, None, None, 1, 1e-3, None, None) is None
+    assert _kernels.moments_plain(x, 0, None) is not None
+    assert _kernels.moments_plain(x, 0, False) is None
+    back = _kernels.batch_norm_backward_plain
+    assert back(x, x, mean, var, None, -1, 1e-3, True, None, None) is not None
+    assert back(np.broadcast_to(x, x.shape), x, mean, var, None, -1, 1e-3, False, None,
+                None) is not None  # dy is only read
+    assert back(x.astype(np.float64), x, mean, var, None, -1, 1e-3, True, None, None) is None
+    assert back(None, x, mean, var, None, -1, 1e-3, True, None, None) is None
+    assert back(x, x, mean, var, None, -1, 1e-3, 1, None, None) is None  # int training
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -60,6 +100,14 @@ def test_fast_and_general_paths_agree_bitwise(dtype, axis):
     assert r[0] is y
     _same(r, bn_cy.batch_norm_train(x, g, b, axis=np.int64(axis), out=yo))
     assert bn_cy.batch_norm(x, mean, var, axis=axis, out=yo) is yo
+    dy = _arrays(dtype, shape=x.shape, seed=1)[0]
+    for training in (True, False):
+        _same(bn_cy.batch_norm_backward(dy, x, mean, var, g, axis=axis, training=training),
+              bn_cy.batch_norm_backward(dy, x, list(mean), var, g, axis=np.int64(axis),
+                                        training=np.bool_(training)))
+    # threads given as a NumPy integer take the general path
+    _same(bn_cy.batch_norm_train(x, g, b, axis=axis, n_threads=2),
+          bn_cy.batch_norm_train(x, g, b, axis=axis, n_threads=np.int64(2)))
 
 
 def test_fast_path_errors_name_the_argument():
