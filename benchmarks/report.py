@@ -44,6 +44,7 @@ count up to the row's (on cached data, two threads can stream slower than one). 
 """
 
 import argparse
+import contextlib
 import datetime
 import functools
 import gc
@@ -455,6 +456,20 @@ def peer_function(mode, peer, inputs, threads):
     raise Unavailable("no %s peer for %s" % (peer, mode))
 
 
+@contextlib.contextmanager
+def layer_threads(fn):
+    """Runs a layer call of layer_functions() with its thread count in effect."""
+    threads = getattr(fn, "bn_cy_threads", None)
+    if threads is None:
+        yield
+        return
+    previous = bn_cy.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        bn_cy.set_num_threads(previous)
+
+
 def layer_functions(inputs, threads):
     """Layer calls on `inputs` (training=True, no grad): bn_cy, keras and torch.nn.BatchNorm."""
     out = {}
@@ -472,12 +487,11 @@ def layer_functions(inputs, threads):
         bn_cy.set_num_threads(previous)
 
         def bn_cy_layer():
-            previous = bn_cy.set_num_threads(threads)
-            try:
-                return bn_layer(x, training=True)
-            finally:
-                bn_cy.set_num_threads(previous)
+            return bn_layer(x, training=True)
 
+        # timed with bn_cy.set_num_threads(threads) in effect (see Report.measure_case), as
+        # torch's module is timed with torch.set_num_threads(threads)
+        bn_cy_layer.bn_cy_threads = threads
         out["bn_cy"] = bn_cy_layer
     try:
         out["keras"] = peer_function("train", "keras", inputs, threads)
@@ -769,7 +783,10 @@ class Report:
                         fns = {k: v for k, v in fns.items() if k == "bn_cy"}
                     if args.no_keras:
                         fns.pop("keras", None)
-                    times = {k: self._time(f) for k, f in fns.items()}
+                    times = {}
+                    for k, f in fns.items():
+                        with layer_threads(f):
+                            times[k] = self._time(f)
                     self.layer_times[(case.name, dtype, threads)] = times
             if args.memory and not case.large:
                 self.measure_memory(inputs)

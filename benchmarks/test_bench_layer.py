@@ -19,4 +19,5 @@ def test_layer(benchmark, inputs, peer, threads):
     benchmark.group = bench.group_name("layer", inputs, threads)
     benchmark.extra_info.update(mode="layer", peer=peer, case=inputs.case.name, dtype=inputs.dtype.name,
                                 threads=threads)
-    benchmark(fn)
+    with bench.layer_threads(fn):
+        benchmark(fn)
