@@ -79,7 +79,8 @@
 #define BNCY_PLANES 1 /* loop over channels, inner loop along the contiguous inner dim */
 
 #define BNCY_CBLOCK_MAX 512     /* channels handled together by one rows unit */
-#define BNCY_ROWS_TILE 16384    /* elements in one L2-resident two-pass tile (rows) */
+#define BNCY_ROWS_TILE 32768    /* elements in one L2-resident tile (rows) */
+#define BNCY_TILE_ROWS_MAX 2048 /* and at most this many rows (the offsets live on the stack) */
 #define BNCY_PLANES_TILE 2048   /* positions in one two-pass tile (planes) */
 #define BNCY_PLANE_WHOLE_MAX 16384 /* planes up to this long are one tile, and not split
                                       between groups */

@@ -170,15 +170,15 @@ static BNCY_NOINLINE void FN(rows_merge_tile)(double *BNCY_RESTRICT gmean,
 static void FN(rows_stats_unit)(const T *x, bncy_strides xs, bncy_shape sh, const CT *mask,
                                 int64_t p0, int64_t p1, int64_t c0, int64_t nc, double *gw,
                                 double *gmean, double *gm2, int pf) {
-    int64_t offs[BNCY_ROWS_TILE];
-    double wr[BNCY_ROWS_TILE], s[BNCY_CBLOCK_MAX];
+    int64_t offs[BNCY_TILE_ROWS_MAX];
+    double wr[BNCY_TILE_ROWS_MAX], s[BNCY_CBLOCK_MAX];
     CT mt[BNCY_CBLOCK_MAX];
     double s1[BNCY_CBLOCK_MAX], s2[BNCY_CBLOCK_MAX];
     CT differ[BNCY_CBLOCK_MAX];
-    const int64_t tile_rows = bncy_max64(1, BNCY_ROWS_TILE / nc);
+    const int64_t tile_rows = bncy_min64(BNCY_TILE_ROWS_MAX, bncy_max64(1, BNCY_ROWS_TILE / nc));
     const T *xc = x + c0 * xs.chan;
-    double wgroup = 0.0;
-    int64_t t0, c, p;
+    double wgroup = 0.0, lim_wt;
+    int64_t t0, c, p, redo;
     for (c = 0; c < nc; c++) gmean[c] = gm2[c] = 0.0;
     for (t0 = p0; t0 < p1; t0 += tile_rows) {
         const int64_t t1 = bncy_min64(p1, t0 + tile_rows);
@@ -197,12 +197,14 @@ static void FN(rows_stats_unit)(const T *x, bncy_strides xs, bncy_shape sh, cons
         }
         if (!mask) wt = (double)nr;
         if (nr == 0 || wt == 0.0) continue;
+        lim_wt = 0.8 * wt;
         /* One pass: deviations from a shift -- the group's mean so far, or for its first tile
            the mean of its first rows -- summed as single-precision quads into double.
            The shift is exact-ish (and exact for a constant channel, whose deviations are 0);
            where it is too far from the tile mean for the centered sums to keep their digits
-           (|sum d|^2 / W > W sum d^2 / 2, i.e. the shift more than ~1 std away), or on
-           overflow/NaN, the channel is redone with its exact mean (the tile is in cache). */
+           (|sum d|^2 / W > 0.8 sum d^2, i.e. the shift more than 2 std away: at most ~2.3 bits
+           of the centered sum would cancel), or on overflow/NaN, the channel is redone with its
+           exact mean (the tile is in cache). */
         if (wgroup == 0.0) { /* the group's first tile: the mean of its first few rows */
             const int64_t ns = bncy_min64(nr, 8);
             const T *x0 = xc + offs[0];
@@ -230,8 +232,12 @@ static void FN(rows_stats_unit)(const T *x, bncy_strides xs, bncy_shape sh, cons
                 if (differ[c] != (CT)0) mt[c] = (CT)(s[c] / ws);
         }
         FN(rows_tile_dev)(s1, s2, mt, xc, xs.chan, offs, mask ? wr : NULL, nr, nc, pf);
-        for (c = 0; c < nc; c++) {
-            if (!(s1[c] * s1[c] <= 0.5 * wt * s2[c]) || !isfinite(s2[c])) {
+        /* a vectorized look for channels to redo (s2 - s2 is 0 unless s2 is Inf or NaN) */
+        redo = 0;
+        BNCY_IVDEP for (c = 0; c < nc; c++) /* s1 is NaN or Inf only where s2 is too */
+            redo += (s1[c] * s1[c] > lim_wt * s2[c]) | (s2[c] - s2[c] != 0.0);
+        for (c = 0; redo && c < nc; c++) {
+            if (!(s1[c] * s1[c] <= lim_wt * s2[c]) || !isfinite(s2[c])) {
                 const double m = FN(rows_tile_mean_exact)(xc + c * xs.chan, offs,
                                                           mask ? wr : NULL, nr, wt);
                 mt[c] = (CT)m;

@@ -62,6 +62,38 @@ def test_float32_training_forward_accuracy(layout, offset):
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("offset", [0.0, 1e4])
+@pytest.mark.parametrize("order", ["ramp", "steps", "sorted", "outliers_first"])
+def test_float32_statistics_of_ordered_data(layout, offset, order):
+    """Data whose first values are far from the mean of what follows (a ramp along the batch,
+    level steps, sorted values, a few outliers first): the kernels' running shifts are then off
+    by one to tens of standard deviations, which their centered sums must absorb (or redo)
+    without losing the accuracy of the contract."""
+    shape, axis = LAYOUTS[layout]
+    rng = np.random.default_rng(7)
+    n = shape[0]
+    if order == "ramp":
+        trend = np.linspace(-4.0, 4.0, n)
+    elif order == "steps":
+        trend = np.repeat([-3.0, 2.5, -1.5, 3.5], n // 4)
+    elif order == "outliers_first":
+        trend = np.where(np.arange(n) < 8, 60.0, 0.0)
+    else:
+        trend = np.zeros(n)
+    x = rng.standard_normal(shape) + trend.reshape((n,) + (1,) * (len(shape) - 1))
+    if order == "sorted":
+        x = np.sort(x, axis=0)
+    x = (offset + x).astype(np.float32)
+    y, mean, var = bn_cy.batch_norm_train(x, axis=axis, epsilon=EPS)
+    y_ref, m_ref, v_ref = ref_batch_norm_train(x, axis=axis, eps=EPS)
+    # the contract's bound, plus the rounding of y itself where outliers make |y| large
+    bound = (1e-6 if offset == 0 else 1e-5) + np.spacing(np.abs(y_ref).astype(np.float32))
+    assert np.all(np.abs(y - y_ref) <= bound), np.max(np.abs(y - y_ref) - bound)
+    assert_mean_f32(mean, m_ref, v_ref)
+    assert np.all(np.abs(var - v_ref) <= 1e-6 * v_ref), np.max(np.abs(var - v_ref) / v_ref)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("offset", OFFSETS)
 def test_float32_moments_and_inference_accuracy(layout, offset):
     x, axis = sample(layout, offset, np.float32, seed=1)
