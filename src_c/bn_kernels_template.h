@@ -389,7 +389,8 @@ BNCY_INLINE CT FN(sample_shift)(const T *seg, int64_t si, int64_t n) {
    dims: sequences, small images); each channel's tile is reduced in one pass over deviations
    from a shift -- the channel's running mean, or for the group's first tile a sample mean --
    and merged into the channel's running state. Where the shift is too far from the tile's mean
-   for the centered sums to keep their digits (|s1|^2 / n > s2 / 2), or on overflow/NaN, the
+   for the centered sums to keep their digits (|s1|^2 / n > 0.8 s2: more than 2 std away, as in
+   the rows kernels), or on overflow/NaN, the
    channel's tile is redone about its own mean (the tile is in cache). The shift is rounded to
    the compute type: then x - mt is a small multiple of x's ulp for a constant channel, every
    sum is exact, and its variance is exactly 0. Memory is read segment by segment in order. */
@@ -399,7 +400,7 @@ BNCY_INLINE void FN(planes_stats_plain)(const T *x, bncy_strides xs, bncy_shape 
     const int64_t si = unit_inner ? 1 : xs.inner;
     CT mt[BNCY_SPAN_CBLOCK];
     double s1[BNCY_SPAN_CBLOCK], s2[BNCY_SPAN_CBLOCK];
-    int64_t c0, c, ta, tb, p;
+    int64_t c0, c, ta, tb, p, redo;
     for (c = 0; c < sh.chan; c++) gw[c] = gmean[c] = gm2[c] = 0.0;
     for (ta = p0; ta < p1; ta = tb) {
         /* a tile of BNCY_PLANES_TILE positions, or the rest of a plane of up to
@@ -409,6 +410,7 @@ BNCY_INLINE void FN(planes_stats_plain)(const T *x, bncy_strides xs, bncy_shape 
         const double n = (double)(tb - ta);
         for (c0 = 0; c0 < sh.chan; c0 += BNCY_SPAN_CBLOCK) {
             const int64_t nc = bncy_min64(BNCY_SPAN_CBLOCK, sh.chan - c0);
+            const double lim_n = 0.8 * n;
             for (c = 0; c < nc; c++) s1[c] = s2[c] = 0.0;
             for (p = ta; p < tb;) {
                 const int64_t o = p / sh.inner, i = p - o * sh.inner;
@@ -424,9 +426,12 @@ BNCY_INLINE void FN(planes_stats_plain)(const T *x, bncy_strides xs, bncy_shape 
                 }
                 p += len;
             }
+            redo = 0;
+            for (c = 0; c < nc; c++) /* s1 is NaN or Inf only where s2 is too */
+                redo += (s1[c] * s1[c] > lim_n * s2[c]) | (s2[c] - s2[c] != 0.0);
             for (c = 0; c < nc; c++) {
                 double m2;
-                if (!(s1[c] * s1[c] <= 0.5 * n * s2[c]) || !isfinite(s2[c])) {
+                if (redo && (!(s1[c] * s1[c] <= lim_n * s2[c]) || !isfinite(s2[c]))) {
                     mt[c] = (CT)FN(span_mean)(x, xs, sh, si, c0 + c, ta, tb);
                     FN(span_dev)(x, xs, sh, si, c0 + c, ta, tb, mt[c], &s1[c], &s2[c]);
                 }
