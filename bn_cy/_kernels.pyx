@@ -2,8 +2,10 @@
 """Thin wrappers over the C kernels of src_c/bn_cy.h.
 
 The callers (bn_cy.ops only) have already validated arguments: arrays of a supported dtype in
-native byte order, a non-negative axis, float64 per-channel vectors of the right length, a mask of
-the compute dtype shaped like x without the feature axis. What happens here:
+native byte order, a non-negative axis, float32/float64 per-channel vectors of the right length, a
+mask of the compute dtype shaped like x without the feature axis. The one exception are the
+`*_plain` entries at the end, which recognize the common calls themselves (and return None for
+anything else, which bn_cy.ops then validates). What happens here:
 
 * the layout is resolved into the canonical (outer, chan, inner) view, either in the array's own
   dimension order or in reversed order (an F-ordered array is C-ordered reversed); an array whose
