@@ -731,7 +731,7 @@ cdef int _plain_axis(object x, object axis) except -2:
 
 
 cdef bint _plain_eps(object epsilon):
-    return type(epsilon) is float and 0.0 <= <double>epsilon < float("inf")
+    return type(epsilon) is float and 0.0 <= <double>epsilon <= 1.7976931348623157e308
 
 
 cdef bint _plain_vec(object v, cnp.npy_intp channels):

@@ -73,6 +73,9 @@ def _default_threads():
     return _kernels.default_threads()
 
 
+_MAX_THREADS = 2**31 - 1  # OpenMP counts threads in a C int
+
+
 def _resolve_threads(n_threads, name="n_threads"):
     if n_threads is None:
         return _default_threads()
@@ -81,6 +84,8 @@ def _resolve_threads(n_threads, name="n_threads"):
     n = int(n_threads)
     if n == 0:
         raise ValueError("%s must be a positive or negative int, not 0" % name)
+    if n > _MAX_THREADS:
+        raise ValueError("%s must be at most %d, got %d" % (name, _MAX_THREADS, n))
     if n < 0:
         n = max(1, _core_count() + 1 + n)
     return n

@@ -236,6 +236,8 @@ def _functional_rows():
         ops_row(ALL, T, "string", TypeError, "n_threads must be an int or None",
                 n_threads="2"),
         ops_row(ALL, T, "bool", TypeError, "n_threads must be an int or None", n_threads=True),
+        ops_row(ALL, T, "beyond a C int (2**31)", ValueError, "n_threads must be at most",
+                n_threads=2**31),
         # comm
         ops_row(MASKED, "comm", "not an mpi4py communicator", TypeError,
                 "comm must be an mpi4py communicator", comm=_NotAComm()),
@@ -249,6 +251,9 @@ def _functional_rows():
         call_row(("set_num_threads",), "n", "float or string", TypeError,
                  "n must be an int or None",
                  lambda a: (bn_cy.set_num_threads, (1.5,), {}, [])),
+        call_row(("set_num_threads",), "n", "beyond a C int (2**31)", ValueError,
+                 "n must be at most",
+                 lambda a: (bn_cy.set_num_threads, (2**31,), {}, [])),
     ]
     return rows
 
