@@ -5,7 +5,8 @@
     python -m bn_cy bench [same options]        # the same report, from a source checkout
 
 Every time in the report is measured in the same run, best of N, with ``time.perf_counter``
-(short calls are looped so one measurement lasts about a millisecond). The pytest-benchmark
+(short calls are looped so one measurement lasts about 0.2 ms); the peers and floor passes of a
+case and thread count are measured round-robin, so their ratios are side by side. The pytest-benchmark
 suites next to this file (``pytest benchmarks``) time the very same callables, one peer per test,
 peers of a case in one benchmark ``group``.
 
@@ -517,42 +518,50 @@ def layer_functions(inputs, threads):
 # ---------------------------------------------------------------------------------------------
 
 
-def best_time(fn, repeat=15, budget=1.0, target=2e-4):
-    """Best time of one call in seconds.
+def best_times(fns, repeat=15, budget=1.0, target=2e-4):
+    """Best time of one call of each function in `fns` (a dict), in seconds, measured round-robin.
 
-    A warm-up call, then measurements, each looping the call enough times to last about `target`
-    seconds (so the timer's resolution does not matter). At least `repeat` measurements unless
-    `budget` seconds run out first (never fewer than 3); calls short enough get more, up to
-    10*repeat while half the budget lasts -- on a busy machine the minimum of many short samples
-    is the one that escaped interference. The garbage collector is off, as in timeit.
+    A warm-up call each, then rounds: in every round each function still being measured gets one
+    measurement, looping the call enough times to last about `target` seconds (so the timer's
+    resolution does not matter), right after one untimed call of its own (so each measurement
+    finds the caches as the function's previous call left them, as it would in a loop of its
+    own). Interleaving makes the ratios between the functions robust to the machine's speed
+    drifting during the run. A function leaves the rounds after `repeat` measurements once half
+    its `budget` seconds of measured time is spent (or after 10*repeat), or after 3 once the whole
+    budget is spent -- on a busy machine the minimum of many short samples is the one that escaped
+    interference. The garbage collector is off, as in timeit.
     """
-    fn()
-    t0 = time.perf_counter()
-    fn()
-    first = time.perf_counter() - t0
-    number = max(1, int(target / max(first, 1e-7)))
-    best = first
+    state = {}
+    for key, fn in fns.items():
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        first = time.perf_counter() - t0
+        state[key] = {"number": max(1, int(target / max(first, 1e-7))), "best": first, "n": 0,
+                      "spent": 0.0}
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        start = time.perf_counter()
-        n = 0
-        while True:
-            t0 = time.perf_counter()
-            for _ in range(number):
+        active = list(fns)
+        while active:
+            for key in list(active):
+                fn, st = fns[key], state[key]
                 fn()
-            t1 = time.perf_counter()
-            best = min(best, (t1 - t0) / number)
-            n += 1
-            elapsed = t1 - start
-            if n >= 3 and elapsed > budget:
-                break
-            if n >= repeat and (elapsed > budget / 2 or n >= 10 * repeat):
-                break
+                t0 = time.perf_counter()
+                for _ in range(st["number"]):
+                    fn()
+                t1 = time.perf_counter()
+                st["best"] = min(st["best"], (t1 - t0) / st["number"])
+                st["n"] += 1
+                st["spent"] += t1 - t0
+                n, spent = st["n"], st["spent"]
+                if (n >= 3 and spent > budget) or (
+                        n >= repeat and (spent > budget / 2 or n >= 10 * repeat)):
+                    active.remove(key)
     finally:
         if gc_was_enabled:
             gc.enable()
-    return best
+    return {key: st["best"] for key, st in state.items()}
 
 
 def extra_memory(fn, output_bytes):
@@ -738,8 +747,8 @@ class Report:
 
     # -- measuring -------------------------------------------------------------------------
 
-    def _time(self, fn):
-        return best_time(fn, repeat=self.args.repeat, budget=self.args.budget)
+    def _times(self, fns):
+        return best_times(fns, repeat=self.args.repeat, budget=self.args.budget)
 
     def _say(self, text):
         if not self.args.silent:
@@ -754,27 +763,35 @@ class Report:
             # at most that many: on cached data a 2-thread pass can lose to a 1-thread one.
             best_passes = {}
             for threads in args.threads:
+                # every floor pass and every peer of every mode at this thread count, timed
+                # round-robin (best_times): their ratios are side by side
+                fns = {}
                 for name in sorted({p for m in args.modes for p in FLOOR_PASSES[m]}):
                     for impl in ("torch", "numpy"):
                         if impl == "torch" and (args.no_torch or torch_module() is None):
                             continue
-                        t = self._time(floor_pass(name, impl, inputs, threads))
-                        if name not in best_passes or t < best_passes[name][0]:
-                            best_passes[name] = (t, "%s, %d thr" % (impl, threads))
-                passes = dict(best_passes)
-                self.passes[(case.name, dtype, threads)] = passes
+                        fns[("pass", name, impl)] = floor_pass(name, impl, inputs, threads)
                 for mode in args.modes:
-                    row = {}
                     for peer in PEERS[mode]:
                         if peer in ("torch", "keras") and args.no_torch:
                             continue
                         if peer == "keras" and args.no_keras:
                             continue
                         try:
-                            fn = peer_function(mode, peer, inputs, threads)
+                            fns[(mode, peer)] = peer_function(mode, peer, inputs, threads)
                         except Unavailable:
                             continue
-                        row[peer] = self._time(fn)
+                times = self._times(fns)
+                for key, t in times.items():
+                    if key[0] == "pass":
+                        name = key[1]
+                        if name not in best_passes or t < best_passes[name][0]:
+                            best_passes[name] = (t, "%s, %d thr" % (key[2], threads))
+                passes = dict(best_passes)
+                self.passes[(case.name, dtype, threads)] = passes
+                for mode in args.modes:
+                    row = {peer: times[(mode, peer)] for peer in PEERS[mode]
+                           if (mode, peer) in times}
                     row["floor"] = sum(passes[p][0] for p in FLOOR_PASSES[mode])
                     self.times[(mode, case.name, dtype, threads)] = row
                 if case.name == "tiny" and args.layer:
@@ -783,10 +800,8 @@ class Report:
                         fns = {k: v for k, v in fns.items() if k == "bn_cy"}
                     if args.no_keras:
                         fns.pop("keras", None)
-                    times = {}
-                    for k, f in fns.items():
-                        with layer_threads(f):
-                            times[k] = self._time(f)
+                    with layer_threads(fns.get("bn_cy")):
+                        times = self._times(fns)
                     self.layer_times[(case.name, dtype, threads)] = times
             if args.memory and not case.large:
                 self.measure_memory(inputs)
@@ -973,7 +988,9 @@ class Report:
         out.append(
             "Made by `%s` on %s. Every number below was measured in that one run: per peer, the "
             "best of %d or more measurements (at least 3 where its %.1f s budget ran out), short "
-            "calls looped to about 0.2 ms per measurement, `time.perf_counter`."
+            "calls looped to about 0.2 ms per measurement, `time.perf_counter`. The peers and "
+            "floor passes of one case and thread count are measured in turn, round by round, "
+            "each measurement right after an untimed call of its own."
             % (self.command, datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), self.args.repeat,
                self.args.budget)
         )
