@@ -659,23 +659,19 @@ def default_threads():
 
 
 def default_call_threads():
-    """default_threads(), noted as started when > 1 (for a call about to run)."""
-    return _plain_threads(None)
+    """The thread count of a call about to run with n_threads=None (see _call_threads)."""
+    return _call_threads(_threads_default())
 
 
-def mark_threads_started():
-    global _threads_started
-    _threads_started = True
+def call_threads(int n):
+    """The thread count of a call about to run with n (>= 1) threads asked for."""
+    return _call_threads(n)
 
 
 def after_fork_in_child():
     global _forked_child
     if _threads_started:
         _forked_child = True
-
-
-def forked_child():
-    return _forked_child
 
 
 cdef int _threads_default():
@@ -688,19 +684,23 @@ cdef int _threads_default():
     return n if n > 1 else 1
 
 
-cdef int _plain_threads(object n_threads) except -1:
-    """The thread count of a call given n_threads None or an int in [1, 4096]; 0 otherwise."""
+cdef int _call_threads(int n):
+    """n, or 1 in a forked child; a count > 1 is noted as threads started (fork safety)."""
     global _threads_started
-    cdef long n
-    if n_threads is None:
-        n = _threads_default()
-    elif type(n_threads) is int and 1 <= n_threads <= 4096:
-        n = 1 if _forked_child else <long>n_threads
-    else:
-        return 0
+    if _forked_child:
+        return 1
     if n > 1:
         _threads_started = True
-    return <int>n
+    return n
+
+
+cdef int _plain_threads(object n_threads) except -1:
+    """The thread count of a call given n_threads None or an int in [1, 4096]; 0 otherwise."""
+    if n_threads is None:
+        return _call_threads(_threads_default())
+    if type(n_threads) is int and 1 <= n_threads <= 4096:
+        return _call_threads(<int>n_threads)
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -56,9 +56,6 @@ def _core_count():
         return os.cpu_count() or 1
 
 
-_OPENMP = _kernels.openmp_enabled()
-
-
 # GNU libgomp cannot run a parallel region in a child forked after the parent ran one (the
 # child waits forever for the parent's pool threads, which do not exist there). So a forked
 # child of a process that used threads computes serially: same results, no hang. The state
@@ -95,13 +92,7 @@ def _threads_for_call(n_threads):
     """The thread count of one kernel call (1 in a forked child, see above)."""
     if n_threads is None:
         return _kernels.default_call_threads()
-    if _kernels.forked_child():
-        _resolve_threads(n_threads)  # still validated
-        return 1
-    n = _resolve_threads(n_threads)
-    if n > 1:
-        _kernels.mark_threads_started()
-    return n
+    return _kernels.call_threads(_resolve_threads(n_threads))  # validated even in a child
 
 
 def set_num_threads(n):
@@ -294,9 +285,6 @@ def _synced_stats(x, ax, w, nt, comm):
 def _check_out(out, shape, dtype):
     if out is None:
         return None
-    if type(out) is np.ndarray and out.shape == shape and out.dtype is dtype \
-            and out.flags.writeable:
-        return out  # the common case (a native dtype is checked by identity)
     if not isinstance(out, np.ndarray):
         raise ValueError("out must be a NumPy array, got %s" % type(out).__name__)
     if out.shape != shape:

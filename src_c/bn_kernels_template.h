@@ -232,7 +232,7 @@ static void FN(rows_stats_unit)(const T *x, bncy_strides xs, bncy_shape sh, cons
                 if (differ[c] != (CT)0) mt[c] = (CT)(s[c] / ws);
         }
         FN(rows_tile_dev)(s1, s2, mt, xc, xs.chan, offs, mask ? wr : NULL, nr, nc, pf);
-        /* a vectorized look for channels to redo (s2 - s2 is 0 unless s2 is Inf or NaN) */
+        /* a branch-free count of channels to redo (s2 - s2 is 0 unless s2 is Inf or NaN) */
         redo = 0;
         BNCY_IVDEP for (c = 0; c < nc; c++) /* s1 is NaN or Inf only where s2 is too */
             redo += (s1[c] * s1[c] > lim_wt * s2[c]) | (s2[c] - s2[c] != 0.0);
