@@ -7,9 +7,11 @@ at build time, by probing the compiler rather than guessing from the platform:
   ``-fopenmp``; Apple clang ``-Xpreprocessor -fopenmp -lomp``; MSVC ``/openmp``). If none works the
   build warns and produces serial kernels. ``BN_CY_OPENMP=0`` forces a serial build;
   ``BN_CY_REQUIRE_OPENMP=1`` turns a missing OpenMP into a build error (CI sets it).
-* SIMD: on x86-64 with gcc/clang, the kernels are compiled twice -- once for the baseline ISA and
-  once for AVX2+FMA (src_c/bn_kernels_avx2.c) -- and the choice is made at run time from the CPU,
-  so a wheel built here runs on any x86-64 machine. ``BN_CY_SIMD=0`` disables the AVX2 variant.
+* SIMD: on x86-64 with gcc/clang, the kernels are compiled three times -- for the baseline ISA,
+  for AVX2+FMA (src_c/bn_kernels_avx2.c) and, where the compiler takes its target pragma, for
+  AVX-512 (src_c/bn_kernels_avx512.c) -- and the choice is made at run time from the CPU, so a
+  wheel built here runs on any x86-64 machine. ``BN_CY_SIMD=0`` at build time builds the baseline
+  only; at run time ``BN_CY_SIMD=baseline|avx2`` caps the variant used.
 """
 
 import os
@@ -37,6 +39,28 @@ OPENMP_PROBE = textwrap.dedent(
         printf("%d\\n", n > 0 && omp_get_max_threads() > 0);
         return 0;
     }
+    """
+)
+
+
+# Compiled (and run, without calling the function) to learn whether the compiler accepts the
+# target pragma of src_c/bn_kernels_avx512.c.
+AVX512_PROBE = textwrap.dedent(
+    """
+    #include <stdio.h>
+    #if defined(__clang__)
+    #pragma clang attribute push(__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"), min_vector_width(512))), apply_to = function)
+    #else
+    #pragma GCC push_options
+    #pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,prefer-vector-width=512")
+    #endif
+    void scale(float *a, int n) { int i; for (i = 0; i < n; i++) a[i] *= 2.0f; }
+    #if defined(__clang__)
+    #pragma clang attribute pop
+    #else
+    #pragma GCC pop_options
+    #endif
+    int main(void) { printf("1\\n"); return 0; }
     """
 )
 
@@ -133,15 +157,23 @@ class BuildExt(build_ext):
             warnings.warn(message + ": bn_cy's kernels will run serially", stacklevel=1)
 
         simd = _env_flag("BN_CY_SIMD")
+        avx512 = False
         if simd is not False and ctype != "msvc" and _is_x86_64():
             macros.append(("BNCY_HAVE_AVX2_VARIANT", "1"))
+            # the AVX-512 variant needs a compiler that knows its target pragma
+            avx512 = _compiles_and_runs(self.compiler, AVX512_PROBE, ["-Werror"], [])
+            if avx512:
+                macros.append(("BNCY_HAVE_AVX512_VARIANT", "1"))
 
         macros.append(("BNCY_COMPILER_TYPE", '"%s"' % ctype))
         for ext in self.extensions:
             ext.extra_compile_args = list(ext.extra_compile_args or []) + compile_args
             ext.extra_link_args = list(ext.extra_link_args or []) + link_args
             ext.define_macros = list(ext.define_macros or []) + macros
-        print("bn_cy build: compiler=%s openmp=%s avx2_variant=%s" % (ctype, openmp, bool(simd is not False and ("BNCY_HAVE_AVX2_VARIANT", "1") in macros)))
+        print(
+            "bn_cy build: compiler=%s openmp=%s avx2_variant=%s avx512_variant=%s"
+            % (ctype, openmp, ("BNCY_HAVE_AVX2_VARIANT", "1") in macros, avx512)
+        )
         super().build_extensions()
 
 
@@ -154,6 +186,7 @@ def extensions():
             "bn_cy/_kernels.pyx",
             "src_c/bn_kernels_base.c",
             "src_c/bn_kernels_avx2.c",
+            "src_c/bn_kernels_avx512.c",
             "src_c/bn_dispatch.c",
         ],
         include_dirs=["src_c", np.get_include()],

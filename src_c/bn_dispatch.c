@@ -1,8 +1,12 @@
 /*
- * Public entry points: pick the ISA variant once (AVX2+FMA when the CPU has it and it was built),
- * and report build facts.
+ * Public entry points: pick the ISA variant once (AVX-512 or AVX2+FMA when the CPU has it and it
+ * was built, else the baseline), and report build facts. The environment variable BN_CY_SIMD,
+ * read at the first call, caps the choice: "baseline", "avx2" (or "avx2+fma"), "avx512"; any
+ * other value is ignored. Every variant runs the same algorithm in the same order of operations
+ * per channel; results are bitwise identical for any thread count within one variant.
  */
 #include <stdio.h>
+#include <string.h>
 
 #include "bn_internal.h"
 
@@ -10,6 +14,11 @@
 #define BNCY_DISPATCH_AVX2 1
 #else
 #define BNCY_DISPATCH_AVX2 0
+#endif
+#if defined(BNCY_HAVE_AVX512_VARIANT) && BNCY_DISPATCH_AVX2
+#define BNCY_DISPATCH_AVX512 1
+#else
+#define BNCY_DISPATCH_AVX512 0
 #endif
 
 /* Declarations of the per-ISA instances, generated from the public prototypes. */
@@ -47,23 +56,49 @@ BNCY_DECLARE_ALL(base)
 #if BNCY_DISPATCH_AVX2
 BNCY_DECLARE_ALL(avx2)
 #endif
-
-static int bncy_use_avx2(void) {
-#if BNCY_DISPATCH_AVX2
-    static int cached = -1;
-    if (cached < 0) {
-        __builtin_cpu_init();
-        cached = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    }
-    return cached;
-#else
-    return 0;
+#if BNCY_DISPATCH_AVX512
+BNCY_DECLARE_ALL(avx512)
 #endif
+
+#define BNCY_ISA_BASE 0
+#define BNCY_ISA_AVX2 1
+#define BNCY_ISA_AVX512 2
+
+/* The highest variant that was built and that the CPU supports, capped by BN_CY_SIMD. */
+static int bncy_detect_isa(void) {
+    int level = BNCY_ISA_BASE, cap = BNCY_ISA_AVX512;
+    const char *env = getenv("BN_CY_SIMD");
+    if (env) {
+        if (!strcmp(env, "baseline") || !strcmp(env, "0")) cap = BNCY_ISA_BASE;
+        else if (!strcmp(env, "avx2") || !strcmp(env, "avx2+fma")) cap = BNCY_ISA_AVX2;
+    }
+#if BNCY_DISPATCH_AVX2
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) level = BNCY_ISA_AVX2;
+#if BNCY_DISPATCH_AVX512
+    if (level == BNCY_ISA_AVX2 && __builtin_cpu_supports("avx512f") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512dq"))
+        level = BNCY_ISA_AVX512;
+#endif
+#endif
+    return level < cap ? level : cap;
 }
 
-#if BNCY_DISPATCH_AVX2
+static int bncy_isa(void) {
+    static int cached = -1;
+    if (cached < 0) cached = bncy_detect_isa();
+    return cached;
+}
+
+#if BNCY_DISPATCH_AVX512
+#define BNCY_CALL(name, SFX, args)                                        \
+    (bncy_isa() == BNCY_ISA_AVX512 ? name##_##SFX##_avx512 args           \
+     : bncy_isa() == BNCY_ISA_AVX2 ? name##_##SFX##_avx2 args             \
+                                   : name##_##SFX##_base args)
+#elif BNCY_DISPATCH_AVX2
 #define BNCY_CALL(name, SFX, args) \
-    (bncy_use_avx2() ? name##_##SFX##_avx2 args : name##_##SFX##_base args)
+    (bncy_isa() == BNCY_ISA_AVX2 ? name##_##SFX##_avx2 args : name##_##SFX##_base args)
 #else
 #define BNCY_CALL(name, SFX, args) (name##_##SFX##_base args)
 #endif
@@ -160,10 +195,18 @@ int bncy_num_procs(void) {
 #endif
 }
 
-const char *bncy_simd_level(void) { return bncy_use_avx2() ? "avx2+fma" : "baseline"; }
+const char *bncy_simd_level(void) {
+    switch (bncy_isa()) {
+    case BNCY_ISA_AVX512: return "avx512";
+    case BNCY_ISA_AVX2: return "avx2+fma";
+    default: return "baseline";
+    }
+}
 
 const char *bncy_simd_compiled(void) {
-#if BNCY_DISPATCH_AVX2
+#if BNCY_DISPATCH_AVX512
+    return "baseline,avx2+fma,avx512";
+#elif BNCY_DISPATCH_AVX2
     return "baseline,avx2+fma";
 #else
     return "baseline";
