@@ -84,6 +84,9 @@
 #define BNCY_PLANES_TILE 2048   /* positions in one two-pass tile (planes) */
 #define BNCY_PLANE_WHOLE_MAX 16384 /* planes up to this long are one tile, and not split
                                       between groups */
+#define BNCY_PLANE_SHORT_MAX 1024 /* planes up to this long: statistics tiles of whole planes */
+#define BNCY_SHORT_TILE_PLANES 8   /* planes per channel in one such tile */
+#define BNCY_SHORT_GROUP_MIN 512   /* and groups of at least this many positions */
 #define BNCY_GROUP_ELEMS 32768  /* fewer elements per group than this are not split further */
 #define BNCY_TARGET_UNITS 64    /* aim for this many independent units when the work allows */
 #define BNCY_PARALLEL_MIN 32768 /* below this many elements a call runs without a parallel region */
@@ -135,6 +138,8 @@ static inline bncy_plan bncy_make_plan(bncy_shape sh, bncy_strides xs) {
         p.cblock = sh.chan;
         p.n_cblocks = 1;
         p.n_groups = bncy_max64(1, bncy_min64(bncy_min64(by_work, BNCY_TARGET_UNITS), p.M));
+        if (sh.inner > 1 && sh.inner <= BNCY_PLANE_SHORT_MAX) /* fixed costs per plane group */
+            p.n_groups = bncy_max64(1, bncy_min64(p.n_groups, p.M / BNCY_SHORT_GROUP_MIN));
         p.n_units = p.n_groups;
     }
     p.group_len = bncy_max64(1, bncy_cdiv(p.M, p.n_groups));

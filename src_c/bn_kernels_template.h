@@ -267,9 +267,9 @@ BNCY_INLINE double FN(lanes_total)(const double *a) {
    BNCY_LANES independent lanes along the plane; four vectors of lanes are combined in the compute
    type and added into double lane accumulators (as in the rows kernels); lanes are summed in a
    fixed order. */
-BNCY_INLINE void FN(plane_dev)(const T *BNCY_RESTRICT seg, int64_t si, int64_t n, CT mt,
-                               double *s1_out, double *s2_out, const int pf) {
-    double b1[BNCY_LANES] = {0}, b2[BNCY_LANES] = {0};
+BNCY_INLINE void FN(plane_dev_acc)(const T *BNCY_RESTRICT seg, int64_t si, int64_t n, CT mt,
+                                   double *BNCY_RESTRICT b1, double *BNCY_RESTRICT b2,
+                                   const int pf) {
     const int64_t q = 4 * BNCY_LANES, nq = n - n % q;
     int64_t k, l;
     for (k = 0; k < nq; k += q) {
@@ -290,6 +290,13 @@ BNCY_INLINE void FN(plane_dev)(const T *BNCY_RESTRICT seg, int64_t si, int64_t n
         b1[(k - nq) % BNCY_LANES] += d;
         b2[(k - nq) % BNCY_LANES] += d * d;
     }
+}
+
+/* The same, one run into fresh lanes, summed. */
+BNCY_INLINE void FN(plane_dev)(const T *BNCY_RESTRICT seg, int64_t si, int64_t n, CT mt,
+                               double *s1_out, double *s2_out, const int pf) {
+    double b1[BNCY_LANES] = {0}, b2[BNCY_LANES] = {0};
+    FN(plane_dev_acc)(seg, si, n, mt, b1, b2, pf);
     *s1_out = FN(lanes_total)(b1);
     *s2_out = FN(lanes_total)(b2);
 }
@@ -384,6 +391,40 @@ BNCY_INLINE CT FN(sample_shift)(const T *seg, int64_t si, int64_t n) {
 
 #define BNCY_SPAN_CBLOCK 256 /* channels whose tile state a planes unit keeps at once */
 
+/* Statistics without weights of positions [p0, p1), whole planes of a short contiguous inner dim
+   (sequences (N, C, T), small images): a tile is a run of up to BNCY_SHORT_TILE_PLANES planes
+   per channel, and each channel's tile is reduced into one set of lanes across its planes (one
+   lane sum, redo check and merge per tile, not per plane). Shifts, the redo rule and the merge
+   are those of planes_stats_plain. The planes of one tile are BNCY_SHORT_TILE_PLANES streams
+   through memory, advancing together channel by channel. */
+static void FN(planes_stats_short)(const T *x, bncy_strides xs, bncy_shape sh, int64_t p0,
+                                   int64_t p1, double *gw, double *gmean, double *gm2,
+                                   const int pf) {
+    const int64_t L = sh.inner, o0 = p0 / L, o1 = p1 / L;
+    const int64_t to = bncy_max64(1, bncy_min64(BNCY_SHORT_TILE_PLANES, BNCY_PLANES_TILE / L));
+    int64_t c, oa, o;
+    for (c = 0; c < sh.chan; c++) gw[c] = gmean[c] = gm2[c] = 0.0;
+    for (oa = o0; oa < o1; oa += to) {
+        const int64_t ob = bncy_min64(o1, oa + to);
+        const double n = (double)((ob - oa) * L), lim_n = 0.8 * n;
+        for (c = 0; c < sh.chan; c++) {
+            const T *base = x + c * xs.chan;
+            double b1[BNCY_LANES] = {0}, b2[BNCY_LANES] = {0}, s1, s2, m2;
+            CT mt = oa == o0 ? FN(sample_shift)(base + o0 * xs.outer, 1, L) : (CT)gmean[c];
+            for (o = oa; o < ob; o++) FN(plane_dev_acc)(base + o * xs.outer, 1, L, mt, b1, b2, pf);
+            s1 = FN(lanes_total)(b1);
+            s2 = FN(lanes_total)(b2);
+            if (!(s1 * s1 <= lim_n * s2) || !isfinite(s2)) { /* shift too far off, or Inf/NaN */
+                mt = (CT)FN(span_mean)(x, xs, sh, 1, c, oa * L, ob * L);
+                FN(span_dev)(x, xs, sh, 1, c, oa * L, ob * L, mt, &s1, &s2);
+            }
+            m2 = s2 - s1 * (s1 / n);
+            bncy_chan_merge(&gw[c], &gmean[c], &gm2[c], n, (double)mt + s1 / n,
+                            m2 < 0.0 ? 0.0 : m2);
+        }
+    }
+}
+
 /* Statistics without weights of positions [p0, p1) for every channel. Tiles are runs of up to
    BNCY_PLANES_TILE positions, which may span several segments along the inner dim (short inner
    dims: sequences, small images); each channel's tile is reduced in one pass over deviations
@@ -399,6 +440,11 @@ BNCY_INLINE void FN(planes_stats_plain)(const T *x, bncy_strides xs, bncy_shape 
                                         const int unit_inner, const int pf) {
     const int64_t si = unit_inner ? 1 : xs.inner;
     CT mt[BNCY_SPAN_CBLOCK];
+    if (unit_inner && sh.inner <= BNCY_PLANE_SHORT_MAX && p0 % sh.inner == 0 &&
+        p1 % sh.inner == 0) {
+        FN(planes_stats_short)(x, xs, sh, p0, p1, gw, gmean, gm2, pf);
+        return;
+    }
     double s1[BNCY_SPAN_CBLOCK], s2[BNCY_SPAN_CBLOCK];
     int64_t c0, c, ta, tb, p, redo;
     for (c = 0; c < sh.chan; c++) gw[c] = gmean[c] = gm2[c] = 0.0;
