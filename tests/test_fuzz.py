@@ -946,10 +946,12 @@ def range_limited_forward(x64, ax, rv, w, odt, eps=None):
 
 def range_limited_backward(dy64, x64, ax, mean, var, gamma, eps, w, odt):
     """Channels where a term of the backward formula lies beyond the compute dtype's range:
-    xhat, dy * xhat, sum(dy) or sum(dy * xhat) beyond half its largest value, or the
+    xhat, dy * xhat, sum(dy), sum(dy * xhat) or xhat * sum(dy * xhat) (the oracle's product
+    before the factor gamma * inv, which may be 0) beyond half its largest value, or the
     elementwise dx terms gamma * inv * dy and gamma * inv * xhat_i * sum(dy * xhat) / W (and its
     coefficient) beyond 1/64 of it (the kernels group those products in their own order, so an
-    intermediate may exceed the result by a few factors); or where the variance is +Inf (a
+    intermediate may exceed the result by a few factors), or overflow to Inf from finite inputs;
+    or where the variance is +Inf (a
     forward's variance that overflowed: inv = 0 times a sum is 0 or NaN depending on the order
     of operations). There dx, dgamma and dbeta are not checked. (Partial sums beyond the range
     are the kernels' business: where every term and the result fit, they must be right.)"""
@@ -970,11 +972,17 @@ def range_limited_backward(dy64, x64, ax, mean, var, gamma, eps, w, odt):
         sdyx = np.abs(np.sum(dm * xhat, axis=0))
         sdy = np.abs(np.sum(dm, axis=0))
         coef = g * inv * sdyx / total
-        terms = np.maximum.reduce([ax_hat, np.abs(dm * xhat).max(axis=0), sdyx, sdy])
+        terms = np.maximum.reduce([ax_hat, np.abs(dm * xhat).max(axis=0), sdyx, sdy,
+                                   ax_hat * sdyx])
         products = np.maximum.reduce([np.abs(dm).max(axis=0) * g * inv, coef, coef * ax_hat,
                                       g * inv * sdy / total])
+        # a term that overflows to Inf from finite inputs (huge x and dy) is beyond the range too
+        finite_in = (np.isfinite(xm).all(axis=0) & np.isfinite(dm).all(axis=0)
+                     & np.isfinite(np.asarray(mean, np.float64)) & np.isfinite(inv) & np.isfinite(g))
+        overflow = finite_in & ~(np.isfinite(terms) & np.isfinite(products))
     return ((np.isfinite(terms) & (terms > cmax))
             | (np.isfinite(products) & (products > cmax / 32))
+            | overflow
             | (np.asarray(var, np.float64) == np.inf))
 
 
