@@ -202,6 +202,32 @@ static inline int bncy_threads_for(int64_t elements, int n_threads) {
     return n_threads;
 }
 
+/* ---- aligned output runs ------------------------------------------------------------------ */
+
+/* The vector loops of the elementwise passes start where the output is aligned to BNCY_ALIGN
+   bytes (a cache line, and an AVX-512 vector): an unaligned vector store splits across two
+   lines, and a line written whole needs no read first. The element order of the arithmetic is
+   unchanged, so the results are too. */
+#define BNCY_ALIGN 64
+#define BNCY_PEEL_MIN 256 /* runs shorter than this many elements are not peeled */
+
+/* Elements before p reaches a BNCY_ALIGN boundary (0 when p is not element-aligned), at most n. */
+static inline int64_t bncy_peel(const void *p, int64_t elem, int64_t n) {
+    const uintptr_t a = (uintptr_t)p;
+    int64_t k;
+    if (a % (uintptr_t)elem) return 0;
+    k = (int64_t)(((BNCY_ALIGN - a % BNCY_ALIGN) % BNCY_ALIGN) / (uintptr_t)elem);
+    return k < n ? k : n;
+}
+
+/* True when positions [0, M) of a rows array are one contiguous run of M * chan elements
+   (channel stride 1, rows back to back), so its rows can be walked as a flat array. */
+static inline int bncy_flat_rows(bncy_shape sh, bncy_strides s) {
+    if (s.chan != 1) return 0;
+    if (sh.inner <= 1) return sh.outer <= 1 || s.outer == sh.chan;
+    return s.inner == sh.chan && (sh.outer <= 1 || s.outer == sh.inner * sh.chan);
+}
+
 /* ---- partial statistics ------------------------------------------------------------------ */
 
 /* Merge partial (wb, mb, m2b) into (wa, ma, m2a): Chan et al.'s pairwise update. */

@@ -733,10 +733,39 @@ BNCY_INLINE void FN(rows_normalize_impl)(const T *x, bncy_strides xs, T *y, bncy
 
 BNCY_INLINE void FN(plane_normalize_impl)(const T *xp, int64_t sxi, T *yp, int64_t syi,
                                           int64_t n, CT hi, CT a, CT b) {
-    int64_t i;
-    BNCY_IVDEP for (i = 0; i < n; i++) {
+    int64_t i = 0;
+    if (syi == 1 && n >= BNCY_PEEL_MIN) { /* up to the first aligned output element */
+        const int64_t k0 = bncy_peel(yp, (int64_t)sizeof(T), n);
+        for (; i < k0; i++) STORE(yp + i, (LOAD(xp + i * sxi) - hi) * a + b);
+    }
+    BNCY_IVDEP for (; i < n; i++) {
         const CT v = LOAD(xp + i * sxi);
         STORE(yp + i * syi, (v - hi) * a + b);
+    }
+}
+
+/* Rows [p0, p1) of flat rows arrays (bncy_flat_rows) whose output rows start k0 elements before
+   an aligned address (the same k0 for every row: chan * sizeof(T) is a multiple of BNCY_ALIGN).
+   The run is walked as whole rows shifted by k0, so every vector store is aligned; hr/ar/br are
+   the constants rotated by k0 (hr[k] = hi[(k + k0) % chan]). */
+static BNCY_NOINLINE void FN(rows_flat_normalize_unit)(const T *x, T *y, int64_t C, int64_t k0,
+                                                       const CT *BNCY_RESTRICT hi,
+                                                       const CT *BNCY_RESTRICT a,
+                                                       const CT *BNCY_RESTRICT b,
+                                                       const CT *BNCY_RESTRICT hr,
+                                                       const CT *BNCY_RESTRICT ar,
+                                                       const CT *BNCY_RESTRICT br, int64_t p0,
+                                                       int64_t p1) {
+    const T *BNCY_RESTRICT xf = x + p0 * C;
+    T *BNCY_RESTRICT yf = y + p0 * C;
+    const int64_t rows = p1 - p0;
+    int64_t r, k;
+    for (k = 0; k < k0; k++) STORE(yf + k, (LOAD(xf + k) - hi[k]) * a[k] + b[k]);
+    for (r = 0; r < rows; r++) {
+        const T *BNCY_RESTRICT xr = xf + k0 + r * C;
+        T *BNCY_RESTRICT yr = yf + k0 + r * C;
+        const int64_t n = r + 1 < rows ? C : C - k0; /* the last row's first k0 are done */
+        BNCY_IVDEP for (k = 0; k < n; k++) STORE(yr + k, (LOAD(xr + k) - hr[k]) * ar[k] + br[k]);
     }
 }
 
@@ -792,16 +821,32 @@ int FN(bncy_normalize)(const T *x, bncy_strides xs, T *y, bncy_strides ys, bncy_
                        int n_threads) {
     const int64_t C = sh.chan, M = sh.outer * sh.inner;
     const int nt = bncy_threads_for(M * C, n_threads);
+    const int flat = bncy_flat_rows(sh, xs) && bncy_flat_rows(sh, ys) &&
+                     (C * (int64_t)sizeof(T)) % BNCY_ALIGN == 0 && M * C >= BNCY_PEEL_MIN;
+    const int64_t k0 = flat ? bncy_peel(y, (int64_t)sizeof(T), C) : 0;
     CT *hi, *a, *b;
-    int64_t u;
+    int64_t u, c;
     if (sh.outer < 0 || sh.chan < 0 || sh.inner < 0) return BNCY_ERR_ARG;
     if (M == 0 || C == 0) return BNCY_OK;
-    hi = (CT *)malloc((size_t)(3 * C) * sizeof(CT));
+    hi = (CT *)malloc((size_t)((k0 > 0 ? 6 : 3) * C) * sizeof(CT));
     if (!hi) return BNCY_ERR_NOMEM;
     a = hi + C;
     b = hi + 2 * C;
     FN(make_consts)(hi, a, b, C, mean, scale, shift);
-    if (bncy_choose_family(sh, xs) == BNCY_ROWS) {
+    if (k0 > 0) { /* flat rows whose output is not aligned: aligned vector stores */
+        const int64_t rows = bncy_max64(1, BNCY_ELEM_BLOCK / C), n_units = bncy_cdiv(M, rows);
+        CT *hr = hi + 3 * C, *ar = hi + 4 * C, *br = hi + 5 * C;
+        for (c = 0; c < C; c++) {
+            hr[c] = hi[(c + k0) % C];
+            ar[c] = a[(c + k0) % C];
+            br[c] = b[(c + k0) % C];
+        }
+        BNCY_PARALLEL_FOR(nt, u, n_units, {
+            const int64_t p0 = u * rows;
+            FN(rows_flat_normalize_unit)(x, y, C, k0, hi, a, b, hr, ar, br, p0,
+                                         bncy_min64(M, p0 + rows));
+        });
+    } else if (bncy_choose_family(sh, xs) == BNCY_ROWS) {
         const int64_t rows = bncy_max64(1, BNCY_ELEM_BLOCK / C), n_units = bncy_cdiv(M, rows);
         const int unit = xs.chan == 1 && ys.chan == 1;
         BNCY_PARALLEL_FOR(nt, u, n_units, {
