@@ -1140,13 +1140,58 @@ BNCY_INLINE void FN(plane_dx_impl)(const T *dp, int64_t sdi, const T *xp, int64_
                                    int64_t soi, const CT *wp, int64_t n, int64_t c,
                                    FN(bncy_grad_consts) k, const int training,
                                    const int has_mask) {
-    int64_t i;
-    BNCY_IVDEP for (i = 0; i < n; i++) {
+    int64_t i = 0;
+    if (soi == 1 && n >= BNCY_PEEL_MIN) { /* up to the first aligned output element */
+        const int64_t k0 = bncy_peel(op, (int64_t)sizeof(T), n);
+        for (; i < k0; i++) {
+            const CT g = LOAD(dp + i * sdi);
+            const CT v = training ? LOAD(xp + i * sxi) : (CT)0;
+            const CT w = has_mask ? wp[i] : (CT)1;
+            STORE(op + i, FN(dx_value)(g, v, w, c, k, training, has_mask));
+        }
+    }
+    BNCY_IVDEP for (; i < n; i++) {
         const CT g = LOAD(dp + i * sdi);
         const CT v = training ? LOAD(xp + i * sxi) : (CT)0;
         const CT w = has_mask ? wp[i] : (CT)1;
         STORE(op + i * soi, FN(dx_value)(g, v, w, c, k, training, has_mask));
     }
+}
+
+/* Rows [p0, p1) of flat rows arrays without a mask, walked as whole rows shifted by k0 (as in
+   rows_flat_normalize_unit): kr holds the constants rotated by k0. */
+BNCY_INLINE void FN(rows_flat_dx_impl)(const T *dy, const T *x, T *dx, int64_t C, int64_t k0,
+                                       FN(bncy_grad_consts) k, FN(bncy_grad_consts) kr,
+                                       int64_t p0, int64_t p1, const int training) {
+    const T *BNCY_RESTRICT df = dy + p0 * C;
+    const T *BNCY_RESTRICT xf = x + p0 * C;
+    T *BNCY_RESTRICT of = dx + p0 * C;
+    const int64_t rows = p1 - p0;
+    int64_t r, j;
+    for (j = 0; j < k0; j++)
+        STORE(of + j, FN(dx_value)(LOAD(df + j), training ? LOAD(xf + j) : (CT)0, (CT)1, j, k,
+                                   training, 0));
+    for (r = 0; r < rows; r++) {
+        const T *BNCY_RESTRICT dr = df + k0 + r * C;
+        const T *BNCY_RESTRICT xr = xf + k0 + r * C;
+        T *BNCY_RESTRICT orow = of + k0 + r * C;
+        const int64_t n = r + 1 < rows ? C : C - k0; /* the last row's first k0 are done */
+        BNCY_IVDEP for (j = 0; j < n; j++) {
+            const CT g = LOAD(dr + j);
+            const CT v = training ? LOAD(xr + j) : (CT)0;
+            STORE(orow + j, FN(dx_value)(g, v, (CT)1, j, kr, training, 0));
+        }
+    }
+}
+
+static BNCY_NOINLINE void FN(rows_flat_dx_unit)(const T *dy, const T *x, T *dx, int64_t C,
+                                                int64_t k0, const FN(bncy_grad_consts) * k,
+                                                const FN(bncy_grad_consts) * kr, int64_t p0,
+                                                int64_t p1, int training) {
+    if (training)
+        FN(rows_flat_dx_impl)(dy, x, dx, C, k0, *k, *kr, p0, p1, 1);
+    else
+        FN(rows_flat_dx_impl)(dy, x, dx, C, k0, *k, *kr, p0, p1, 0);
 }
 
 static BNCY_NOINLINE void FN(rows_dx_unit)(const T *dy, bncy_strides dys, const T *x,
@@ -1204,7 +1249,39 @@ static void FN(dx_pass)(const T *dy, bncy_strides dys, const T *x, bncy_strides 
     const int64_t C = sh.chan, M = sh.outer * sh.inner;
     const int family = bncy_choose_family(sh, xs);
     const int nt = bncy_threads_for(M * C, n_threads);
+    const int flat = !mask && bncy_flat_rows(sh, xs) && bncy_flat_rows(sh, dys) &&
+                     bncy_flat_rows(sh, dxs) && (C * (int64_t)sizeof(T)) % BNCY_ALIGN == 0 &&
+                     M * C >= BNCY_PEEL_MIN;
+    const int64_t k0 = flat ? bncy_peel(dx, (int64_t)sizeof(T), C) : 0;
     int64_t u;
+    if (k0 > 0) { /* flat rows whose output is not aligned: aligned vector stores */
+        const int64_t rows = bncy_max64(1, BNCY_ELEM_BLOCK / C), n_units = bncy_cdiv(M, rows);
+        CT *rot = (CT *)malloc((size_t)(5 * C) * sizeof(CT));
+        FN(bncy_grad_consts) kr;
+        int64_t c;
+        if (rot) {
+            for (c = 0; c < C; c++) {
+                const int64_t s = (c + k0) % C;
+                rot[c] = k.A[s];
+                rot[C + c] = k.B[s];
+                rot[2 * C + c] = k.K[s];
+                rot[3 * C + c] = k.inv[s];
+                rot[4 * C + c] = k.hi[s];
+            }
+            kr.A = rot;
+            kr.B = rot + C;
+            kr.K = rot + 2 * C;
+            kr.inv = rot + 3 * C;
+            kr.hi = rot + 4 * C;
+            BNCY_PARALLEL_FOR(nt, u, n_units, {
+                const int64_t p0 = u * rows;
+                FN(rows_flat_dx_unit)(dy, x, dx, C, k0, &k, &kr, p0, bncy_min64(M, p0 + rows),
+                                      training);
+            });
+            free(rot);
+            return;
+        } /* no memory for the rotated constants: the plain rows walk below */
+    }
     if (family == BNCY_ROWS) {
         const int64_t rows = bncy_max64(1, BNCY_ELEM_BLOCK / C), n_units = bncy_cdiv(M, rows);
         const int unit = xs.chan == 1 && dys.chan == 1 && dxs.chan == 1;
