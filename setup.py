@@ -191,7 +191,13 @@ def extensions():
         ],
         include_dirs=["src_c", np.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-        depends=["src_c/bn_cy.h", "src_c/bn_internal.h", "src_c/bn_kernels_template.h"],
+        depends=[
+            "src_c/bn_cy.h",
+            "src_c/bn_internal.h",
+            "src_c/bn_kernels_template.h",
+            "src_c/bn_kernels_instances.h",
+            "src_c/bn_stream.h",
+        ],
     )
     return cythonize([ext], compiler_directives={"language_level": 3}, quiet=True)
 

@@ -210,6 +210,21 @@ static inline int bncy_threads_for(int64_t elements, int n_threads) {
    unchanged, so the results are too. */
 #define BNCY_ALIGN 64
 #define BNCY_PEEL_MIN 256 /* runs shorter than this many elements are not peeled */
+#ifndef BNCY_STREAM_MIN_BYTES /* outputs of at least this size are written with streaming stores */
+#define BNCY_STREAM_MIN_BYTES (64.0 * 1024 * 1024)
+#endif
+
+/* BNCY_STREAM_MIN_BYTES, or the environment variable BN_CY_STREAM_MIN_BYTES (bytes, >= 0) read
+   at the first call (the tests set 0 to stream every output). */
+static inline double bncy_stream_min_bytes(void) {
+    static double cached = -1.0;
+    if (cached < 0.0) {
+        const char *e = getenv("BN_CY_STREAM_MIN_BYTES");
+        const double v = e ? atof(e) : -1.0;
+        cached = v >= 0.0 ? v : BNCY_STREAM_MIN_BYTES;
+    }
+    return cached;
+}
 
 /* Elements before p reaches a BNCY_ALIGN boundary (0 when p is not element-aligned), at most n. */
 static inline int64_t bncy_peel(const void *p, int64_t elem, int64_t n) {

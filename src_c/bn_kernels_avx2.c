@@ -5,6 +5,8 @@
 #include "bn_internal.h"
 
 #if defined(BNCY_HAVE_AVX2_VARIANT)
+#include <immintrin.h>
+#define BNCY_STREAM_ISA 2
 
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)

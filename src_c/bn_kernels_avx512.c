@@ -6,6 +6,8 @@
 #include "bn_internal.h"
 
 #if defined(BNCY_HAVE_AVX512_VARIANT)
+#include <immintrin.h>
+#define BNCY_STREAM_ISA 3
 
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"), \

@@ -1,30 +1,57 @@
 /*
  * Instantiates bn_kernels_template.h for every dtype. Included once per ISA variant, with ISA
- * defined (base, avx2). One algorithm source, four dtypes.
+ * defined (base, avx2, avx512). One algorithm source, four dtypes. STREAM_* are
+ * the streaming-store runs of bn_stream.h for the dtypes that have them (0 elements otherwise).
  */
+#include "bn_stream.h"
+
 #define T float
 #define CT float
 #define SFX f32
 #define LOAD(p) (*(p))
 #define STORE(p, v) (*(p) = (v))
+#if BNCY_CAN_STREAM
+#define STREAMS 1
+#define STREAM_ROWS(y, x, h, a, b, n) bncy_stream_rows_f32(y, x, h, a, b, n)
+#define STREAM_PLANE(y, x, h, a, b, n) bncy_stream_plane_f32(y, x, h, a, b, n)
+#define STREAM_DX_ROWS(o, d, x, A, B, K, v, h, n, t) bncy_stream_dx_rows_f32(o, d, x, A, B, K, v, h, n, t)
+#define STREAM_DX_PLANE(o, d, x, A, B, K, v, h, n, t) bncy_stream_dx_plane_f32(o, d, x, A, B, K, v, h, n, t)
+#endif
 #include "bn_kernels_template.h"
 #undef T
 #undef CT
 #undef SFX
 #undef LOAD
 #undef STORE
+#undef STREAMS
+#undef STREAM_ROWS
+#undef STREAM_PLANE
+#undef STREAM_DX_ROWS
+#undef STREAM_DX_PLANE
 
 #define T double
 #define CT double
 #define SFX f64
 #define LOAD(p) (*(p))
 #define STORE(p, v) (*(p) = (v))
+#if BNCY_CAN_STREAM
+#define STREAMS 1
+#define STREAM_ROWS(y, x, h, a, b, n) bncy_stream_rows_f64(y, x, h, a, b, n)
+#define STREAM_PLANE(y, x, h, a, b, n) bncy_stream_plane_f64(y, x, h, a, b, n)
+#define STREAM_DX_ROWS(o, d, x, A, B, K, v, h, n, t) bncy_stream_dx_rows_f64(o, d, x, A, B, K, v, h, n, t)
+#define STREAM_DX_PLANE(o, d, x, A, B, K, v, h, n, t) bncy_stream_dx_plane_f64(o, d, x, A, B, K, v, h, n, t)
+#endif
 #include "bn_kernels_template.h"
 #undef T
 #undef CT
 #undef SFX
 #undef LOAD
 #undef STORE
+#undef STREAMS
+#undef STREAM_ROWS
+#undef STREAM_PLANE
+#undef STREAM_DX_ROWS
+#undef STREAM_DX_PLANE
 
 #define T bncy_half
 #define CT float

@@ -16,6 +16,16 @@
  * bitwise identical for any thread count.
  */
 
+#ifndef STREAMS /* this dtype or ISA has no streaming stores (bn_stream.h) */
+#define STREAM_ROWS(y, x, h, a, b, n) ((int64_t)0)
+#define STREAM_PLANE(y, x, h, a, b, n) ((int64_t)0)
+#define STREAM_DX_ROWS(o, d, x, A, B, K, v, h, n, t) ((int64_t)0)
+#define STREAM_DX_PLANE(o, d, x, A, B, K, v, h, n, t) ((int64_t)0)
+#define BNCY_T_STREAMS 0
+#else
+#define BNCY_T_STREAMS 1
+#endif
+
 #define BNCY_CAT3_(a, b, c) a##_##b##_##c
 #define BNCY_CAT3(a, b, c) BNCY_CAT3_(a, b, c)
 #define FN(name) BNCY_CAT3(name, SFX, ISA)
@@ -732,11 +742,13 @@ BNCY_INLINE void FN(rows_normalize_impl)(const T *x, bncy_strides xs, T *y, bncy
 }
 
 BNCY_INLINE void FN(plane_normalize_impl)(const T *xp, int64_t sxi, T *yp, int64_t syi,
-                                          int64_t n, CT hi, CT a, CT b) {
+                                          int64_t n, CT hi, CT a, CT b, const int stream) {
     int64_t i = 0;
     if (syi == 1 && n >= BNCY_PEEL_MIN) { /* up to the first aligned output element */
         const int64_t k0 = bncy_peel(yp, (int64_t)sizeof(T), n);
         for (; i < k0; i++) STORE(yp + i, (LOAD(xp + i * sxi) - hi) * a + b);
+        if (stream && sxi == 1 && (uintptr_t)(yp + i) % BNCY_ALIGN == 0)
+            i += STREAM_PLANE(yp + i, xp + i, hi, a, b, n - i);
     }
     BNCY_IVDEP for (; i < n; i++) {
         const CT v = LOAD(xp + i * sxi);
@@ -755,7 +767,7 @@ static BNCY_NOINLINE void FN(rows_flat_normalize_unit)(const T *x, T *y, int64_t
                                                        const CT *BNCY_RESTRICT hr,
                                                        const CT *BNCY_RESTRICT ar,
                                                        const CT *BNCY_RESTRICT br, int64_t p0,
-                                                       int64_t p1) {
+                                                       int64_t p1, int stream) {
     const T *BNCY_RESTRICT xf = x + p0 * C;
     T *BNCY_RESTRICT yf = y + p0 * C;
     const int64_t rows = p1 - p0;
@@ -765,8 +777,10 @@ static BNCY_NOINLINE void FN(rows_flat_normalize_unit)(const T *x, T *y, int64_t
         const T *BNCY_RESTRICT xr = xf + k0 + r * C;
         T *BNCY_RESTRICT yr = yf + k0 + r * C;
         const int64_t n = r + 1 < rows ? C : C - k0; /* the last row's first k0 are done */
-        BNCY_IVDEP for (k = 0; k < n; k++) STORE(yr + k, (LOAD(xr + k) - hr[k]) * ar[k] + br[k]);
+        k = stream ? STREAM_ROWS(yr, xr, hr, ar, br, n) : 0;
+        BNCY_IVDEP for (; k < n; k++) STORE(yr + k, (LOAD(xr + k) - hr[k]) * ar[k] + br[k]);
     }
+    if (stream) BNCY_STREAM_FENCE();
 }
 
 /* The units of the parallel loops are out-of-line functions: an OpenMP region's outlined body
@@ -802,18 +816,21 @@ BNCY_INLINE void FN(plane_range)(int64_t u, int64_t nb, bncy_shape sh, int64_t *
 static BNCY_NOINLINE void FN(plane_normalize_unit)(const T *x, bncy_strides xs, T *y,
                                                    bncy_strides ys, bncy_shape sh, const CT *hi,
                                                    const CT *a, const CT *b, int64_t u,
-                                                   int64_t nb, int unit) {
+                                                   int64_t nb, int unit, int stream) {
     int64_t q0, q1, i0, n, q;
     FN(plane_range)(u, nb, sh, &q0, &q1, &i0, &n);
     for (q = q0; q < q1; q++) {
         const int64_t c = q % sh.chan, o = q / sh.chan;
         const T *xp = x + o * xs.outer + c * xs.chan + i0 * xs.inner;
         T *yp = y + o * ys.outer + c * ys.chan + i0 * ys.inner;
-        if (unit)
-            FN(plane_normalize_impl)(xp, 1, yp, 1, n, hi[c], a[c], b[c]);
+        if (unit && stream)
+            FN(plane_normalize_impl)(xp, 1, yp, 1, n, hi[c], a[c], b[c], 1);
+        else if (unit)
+            FN(plane_normalize_impl)(xp, 1, yp, 1, n, hi[c], a[c], b[c], 0);
         else
-            FN(plane_normalize_impl)(xp, xs.inner, yp, ys.inner, n, hi[c], a[c], b[c]);
+            FN(plane_normalize_impl)(xp, xs.inner, yp, ys.inner, n, hi[c], a[c], b[c], 0);
     }
+    if (unit && stream) BNCY_STREAM_FENCE();
 }
 
 int FN(bncy_normalize)(const T *x, bncy_strides xs, T *y, bncy_strides ys, bncy_shape sh,
@@ -824,16 +841,19 @@ int FN(bncy_normalize)(const T *x, bncy_strides xs, T *y, bncy_strides ys, bncy_
     const int flat = bncy_flat_rows(sh, xs) && bncy_flat_rows(sh, ys) &&
                      (C * (int64_t)sizeof(T)) % BNCY_ALIGN == 0 && M * C >= BNCY_PEEL_MIN;
     const int64_t k0 = flat ? bncy_peel(y, (int64_t)sizeof(T), C) : 0;
+    /* outputs beyond the caches are streamed (bn_stream.h) */
+    const int stream = BNCY_T_STREAMS && (double)M * (double)C * sizeof(T) >= bncy_stream_min_bytes();
+    const int flat_stream = stream && flat && (uintptr_t)(y + k0) % BNCY_ALIGN == 0;
     CT *hi, *a, *b;
     int64_t u, c;
     if (sh.outer < 0 || sh.chan < 0 || sh.inner < 0) return BNCY_ERR_ARG;
     if (M == 0 || C == 0) return BNCY_OK;
-    hi = (CT *)malloc((size_t)((k0 > 0 ? 6 : 3) * C) * sizeof(CT));
+    hi = (CT *)malloc((size_t)((k0 > 0 || flat_stream ? 6 : 3) * C) * sizeof(CT));
     if (!hi) return BNCY_ERR_NOMEM;
     a = hi + C;
     b = hi + 2 * C;
     FN(make_consts)(hi, a, b, C, mean, scale, shift);
-    if (k0 > 0) { /* flat rows whose output is not aligned: aligned vector stores */
+    if (k0 > 0 || flat_stream) { /* flat rows: aligned (and maybe streamed) vector stores */
         const int64_t rows = bncy_max64(1, BNCY_ELEM_BLOCK / C), n_units = bncy_cdiv(M, rows);
         CT *hr = hi + 3 * C, *ar = hi + 4 * C, *br = hi + 5 * C;
         for (c = 0; c < C; c++) {
@@ -844,7 +864,7 @@ int FN(bncy_normalize)(const T *x, bncy_strides xs, T *y, bncy_strides ys, bncy_
         BNCY_PARALLEL_FOR(nt, u, n_units, {
             const int64_t p0 = u * rows;
             FN(rows_flat_normalize_unit)(x, y, C, k0, hi, a, b, hr, ar, br, p0,
-                                         bncy_min64(M, p0 + rows));
+                                         bncy_min64(M, p0 + rows), flat_stream);
         });
     } else if (bncy_choose_family(sh, xs) == BNCY_ROWS) {
         const int64_t rows = bncy_max64(1, BNCY_ELEM_BLOCK / C), n_units = bncy_cdiv(M, rows);
@@ -858,7 +878,7 @@ int FN(bncy_normalize)(const T *x, bncy_strides xs, T *y, bncy_strides ys, bncy_
         const int64_t nb = bncy_plane_blocks(sh), n_units = bncy_plane_units(sh, nb);
         const int unit = xs.inner == 1 && ys.inner == 1;
         BNCY_PARALLEL_FOR(nt, u, n_units, {
-            FN(plane_normalize_unit)(x, xs, y, ys, sh, hi, a, b, u, nb, unit);
+            FN(plane_normalize_unit)(x, xs, y, ys, sh, hi, a, b, u, nb, unit, stream);
         });
     }
     free(hi);
@@ -1139,7 +1159,7 @@ BNCY_INLINE void FN(rows_dx_impl)(const T *dy, bncy_strides dys, const T *x, bnc
 BNCY_INLINE void FN(plane_dx_impl)(const T *dp, int64_t sdi, const T *xp, int64_t sxi, T *op,
                                    int64_t soi, const CT *wp, int64_t n, int64_t c,
                                    FN(bncy_grad_consts) k, const int training,
-                                   const int has_mask) {
+                                   const int has_mask, const int stream) {
     int64_t i = 0;
     if (soi == 1 && n >= BNCY_PEEL_MIN) { /* up to the first aligned output element */
         const int64_t k0 = bncy_peel(op, (int64_t)sizeof(T), n);
@@ -1149,6 +1169,9 @@ BNCY_INLINE void FN(plane_dx_impl)(const T *dp, int64_t sdi, const T *xp, int64_
             const CT w = has_mask ? wp[i] : (CT)1;
             STORE(op + i, FN(dx_value)(g, v, w, c, k, training, has_mask));
         }
+        if (stream && !has_mask && sdi == 1 && sxi == 1 && (uintptr_t)(op + i) % BNCY_ALIGN == 0)
+            i += STREAM_DX_PLANE(op + i, dp + i, xp + i, k.A[c], k.B[c], k.K[c], k.inv[c],
+                                 k.hi[c], n - i, training);
     }
     BNCY_IVDEP for (; i < n; i++) {
         const CT g = LOAD(dp + i * sdi);
@@ -1162,7 +1185,8 @@ BNCY_INLINE void FN(plane_dx_impl)(const T *dp, int64_t sdi, const T *xp, int64_
    rows_flat_normalize_unit): kr holds the constants rotated by k0. */
 BNCY_INLINE void FN(rows_flat_dx_impl)(const T *dy, const T *x, T *dx, int64_t C, int64_t k0,
                                        FN(bncy_grad_consts) k, FN(bncy_grad_consts) kr,
-                                       int64_t p0, int64_t p1, const int training) {
+                                       int64_t p0, int64_t p1, const int training,
+                                       const int stream) {
     const T *BNCY_RESTRICT df = dy + p0 * C;
     const T *BNCY_RESTRICT xf = x + p0 * C;
     T *BNCY_RESTRICT of = dx + p0 * C;
@@ -1176,7 +1200,8 @@ BNCY_INLINE void FN(rows_flat_dx_impl)(const T *dy, const T *x, T *dx, int64_t C
         const T *BNCY_RESTRICT xr = xf + k0 + r * C;
         T *BNCY_RESTRICT orow = of + k0 + r * C;
         const int64_t n = r + 1 < rows ? C : C - k0; /* the last row's first k0 are done */
-        BNCY_IVDEP for (j = 0; j < n; j++) {
+        j = stream ? STREAM_DX_ROWS(orow, dr, xr, kr.A, kr.B, kr.K, kr.inv, kr.hi, n, training) : 0;
+        BNCY_IVDEP for (; j < n; j++) {
             const CT g = LOAD(dr + j);
             const CT v = training ? LOAD(xr + j) : (CT)0;
             STORE(orow + j, FN(dx_value)(g, v, (CT)1, j, kr, training, 0));
@@ -1187,11 +1212,12 @@ BNCY_INLINE void FN(rows_flat_dx_impl)(const T *dy, const T *x, T *dx, int64_t C
 static BNCY_NOINLINE void FN(rows_flat_dx_unit)(const T *dy, const T *x, T *dx, int64_t C,
                                                 int64_t k0, const FN(bncy_grad_consts) * k,
                                                 const FN(bncy_grad_consts) * kr, int64_t p0,
-                                                int64_t p1, int training) {
+                                                int64_t p1, int training, int stream) {
     if (training)
-        FN(rows_flat_dx_impl)(dy, x, dx, C, k0, *k, *kr, p0, p1, 1);
+        FN(rows_flat_dx_impl)(dy, x, dx, C, k0, *k, *kr, p0, p1, 1, stream);
     else
-        FN(rows_flat_dx_impl)(dy, x, dx, C, k0, *k, *kr, p0, p1, 0);
+        FN(rows_flat_dx_impl)(dy, x, dx, C, k0, *k, *kr, p0, p1, 0, stream);
+    if (stream) BNCY_STREAM_FENCE();
 }
 
 static BNCY_NOINLINE void FN(rows_dx_unit)(const T *dy, bncy_strides dys, const T *x,
@@ -1213,17 +1239,21 @@ static BNCY_NOINLINE void FN(rows_dx_unit)(const T *dy, bncy_strides dys, const 
 BNCY_INLINE void FN(plane_dx_one)(const T *dp, bncy_strides dys, const T *xp, bncy_strides xs,
                                   T *op, bncy_strides dxs, const CT *wp,
                                   const FN(bncy_grad_consts) * k, int64_t n, int64_t c,
-                                  int training, int unit) {
+                                  int training, int unit, int stream) {
     const CT *mask = wp;
-    if (!training)
-        FN(plane_dx_impl)(dp, dys.inner, xp, xs.inner, op, dxs.inner, NULL, n, c, *k, 0, 0);
+    if (!training && unit && stream)
+        FN(plane_dx_impl)(dp, 1, xp, 1, op, 1, NULL, n, c, *k, 0, 0, 1);
+    else if (!training)
+        FN(plane_dx_impl)(dp, dys.inner, xp, xs.inner, op, dxs.inner, NULL, n, c, *k, 0, 0, 0);
     else if (unit && mask)
-        FN(plane_dx_impl)(dp, 1, xp, 1, op, 1, wp, n, c, *k, 1, 1);
+        FN(plane_dx_impl)(dp, 1, xp, 1, op, 1, wp, n, c, *k, 1, 1, 0);
+    else if (unit && stream)
+        FN(plane_dx_impl)(dp, 1, xp, 1, op, 1, NULL, n, c, *k, 1, 0, 1);
     else if (unit)
-        FN(plane_dx_impl)(dp, 1, xp, 1, op, 1, NULL, n, c, *k, 1, 0);
+        FN(plane_dx_impl)(dp, 1, xp, 1, op, 1, NULL, n, c, *k, 1, 0, 0);
     else
         FN(plane_dx_impl)(dp, dys.inner, xp, xs.inner, op, dxs.inner, wp, n, c, *k, 1,
-                          mask != NULL);
+                          mask != NULL, 0);
 }
 
 /* unit u as in plane_normalize_unit */
@@ -1231,7 +1261,7 @@ static BNCY_NOINLINE void FN(plane_dx_unit)(const T *dy, bncy_strides dys, const
                                             bncy_strides xs, T *dx, bncy_strides dxs,
                                             bncy_shape sh, const CT *mask,
                                             const FN(bncy_grad_consts) * k, int64_t u, int64_t nb,
-                                            int training, int unit) {
+                                            int training, int unit, int stream) {
     int64_t q0, q1, i0, n, q;
     FN(plane_range)(u, nb, sh, &q0, &q1, &i0, &n);
     for (q = q0; q < q1; q++) {
@@ -1239,8 +1269,9 @@ static BNCY_NOINLINE void FN(plane_dx_unit)(const T *dy, bncy_strides dys, const
         FN(plane_dx_one)(dy + o * dys.outer + c * dys.chan + i0 * dys.inner, dys,
                          x + o * xs.outer + c * xs.chan + i0 * xs.inner, xs,
                          dx + o * dxs.outer + c * dxs.chan + i0 * dxs.inner, dxs,
-                         mask ? mask + o * sh.inner + i0 : NULL, k, n, c, training, unit);
+                         mask ? mask + o * sh.inner + i0 : NULL, k, n, c, training, unit, stream);
     }
+    if (stream) BNCY_STREAM_FENCE();
 }
 
 static void FN(dx_pass)(const T *dy, bncy_strides dys, const T *x, bncy_strides xs, T *dx,
@@ -1253,8 +1284,11 @@ static void FN(dx_pass)(const T *dy, bncy_strides dys, const T *x, bncy_strides 
                      bncy_flat_rows(sh, dxs) && (C * (int64_t)sizeof(T)) % BNCY_ALIGN == 0 &&
                      M * C >= BNCY_PEEL_MIN;
     const int64_t k0 = flat ? bncy_peel(dx, (int64_t)sizeof(T), C) : 0;
+    /* outputs beyond the caches are streamed (bn_stream.h) */
+    const int stream = BNCY_T_STREAMS && (double)M * (double)C * sizeof(T) >= bncy_stream_min_bytes();
+    const int flat_stream = stream && flat && (uintptr_t)(dx + k0) % BNCY_ALIGN == 0;
     int64_t u;
-    if (k0 > 0) { /* flat rows whose output is not aligned: aligned vector stores */
+    if (k0 > 0 || flat_stream) { /* flat rows: aligned (and maybe streamed) vector stores */
         const int64_t rows = bncy_max64(1, BNCY_ELEM_BLOCK / C), n_units = bncy_cdiv(M, rows);
         CT *rot = (CT *)malloc((size_t)(5 * C) * sizeof(CT));
         FN(bncy_grad_consts) kr;
@@ -1276,7 +1310,7 @@ static void FN(dx_pass)(const T *dy, bncy_strides dys, const T *x, bncy_strides 
             BNCY_PARALLEL_FOR(nt, u, n_units, {
                 const int64_t p0 = u * rows;
                 FN(rows_flat_dx_unit)(dy, x, dx, C, k0, &k, &kr, p0, bncy_min64(M, p0 + rows),
-                                      training);
+                                      training, flat_stream);
             });
             free(rot);
             return;
@@ -1294,7 +1328,8 @@ static void FN(dx_pass)(const T *dy, bncy_strides dys, const T *x, bncy_strides 
         const int64_t nb = bncy_plane_blocks(sh), n_units = bncy_plane_units(sh, nb);
         const int unit = xs.inner == 1 && dys.inner == 1 && dxs.inner == 1;
         BNCY_PARALLEL_FOR(nt, u, n_units, {
-            FN(plane_dx_unit)(dy, dys, x, xs, dx, dxs, sh, mask, &k, u, nb, training, unit);
+            FN(plane_dx_unit)(dy, dys, x, xs, dx, dxs, sh, mask, &k, u, nb, training, unit,
+                              stream);
         });
     }
 }
@@ -1385,3 +1420,10 @@ int FN(bncy_batch_norm_backward)(const T *dy, bncy_strides dys, const T *x, bncy
 #undef FN
 #undef BNCY_CAT3
 #undef BNCY_CAT3_
+#undef BNCY_T_STREAMS
+#ifndef STREAMS
+#undef STREAM_ROWS
+#undef STREAM_PLANE
+#undef STREAM_DX_ROWS
+#undef STREAM_DX_PLANE
+#endif

@@ -1,7 +1,13 @@
 """The elementwise passes start their vector loops at an aligned output element (a peel, and for
-contiguous rows a walk shifted by the peel with rotated per-channel constants). Whatever the
-offset of the input and output buffers, the results must be bitwise those of aligned buffers,
-and match the float64 oracle."""
+contiguous rows a walk shifted by the peel with rotated per-channel constants), and write outputs
+beyond the caches with streaming stores. Whatever the offset of the input and output buffers,
+and whether the output was streamed, the results must be bitwise those of aligned buffers, and
+match the float64 oracle."""
+
+import hashlib
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -29,9 +35,8 @@ def at_offset(a, k):
     return view
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shape,axis", CASES)
-def test_outputs_do_not_depend_on_buffer_alignment(shape, axis, dtype):
+def outputs_at_offsets(shape, axis, dtype):
+    """{(input offset, output offset): bytes of (y, training y, dx, inference dx)}, and the inputs."""
     rng = np.random.default_rng(11)
     x0 = (5.0 + 2.0 * rng.standard_normal(shape)).astype(dtype)
     dy0 = rng.standard_normal(shape).astype(dtype)
@@ -50,7 +55,24 @@ def test_outputs_do_not_depend_on_buffer_alignment(shape, axis, dtype):
             bn_cy.batch_norm_train(x, gamma, beta, axis=axis, out=yt)
             dx = at_offset(np.zeros_like(x0), ky)
             bn_cy.batch_norm_backward(dy, x, mean, var, gamma, axis=axis, out=dx)
-            results[kx, ky] = (y.tobytes(), yt.tobytes(), dx.tobytes())
+            di = at_offset(np.zeros_like(x0), ky)
+            bn_cy.batch_norm_backward(dy, x, mean, var, gamma, axis=axis, training=False, out=di)
+            results[kx, ky] = (y.tobytes(), yt.tobytes(), dx.tobytes(), di.tobytes())
+    return results, (x0, dy0, mean, var, gamma, beta)
+
+
+def digest(results):
+    h = hashlib.sha256()
+    for key in sorted(results):
+        for b in results[key]:
+            h.update(b)
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,axis", CASES)
+def test_outputs_do_not_depend_on_buffer_alignment(shape, axis, dtype):
+    results, (x0, dy0, mean, var, gamma, beta) = outputs_at_offsets(shape, axis, dtype)
     first = results[0, 0]
     for key, got in results.items():
         assert got == first, key
@@ -61,3 +83,31 @@ def test_outputs_do_not_depend_on_buffer_alignment(shape, axis, dtype):
     dx_ref = ref_batch_norm_backward(dy0, x0, mean, var, gamma, axis=axis, eps=1e-3)[0]
     assert np.max(np.abs(y - y_ref)) <= tol * 10
     assert np.max(np.abs(dx - dx_ref)) <= tol * 10
+
+
+def test_streamed_outputs_are_bitwise_the_same():
+    """With BN_CY_STREAM_MIN_BYTES=0 every output is written with streaming stores (where this
+    build and CPU have them): same bytes as the cached stores of this process."""
+    here = {}
+    for dtype in (np.float32, np.float64):
+        for shape, axis in CASES:
+            here[np.dtype(dtype).name, shape] = digest(outputs_at_offsets(shape, axis, dtype)[0])
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, BN_CY_STREAM_MIN_BYTES="0")
+    env["PYTHONPATH"] = os.pathsep.join(
+        [tests_dir, os.path.dirname(os.path.dirname(os.path.abspath(bn_cy.__file__)))]
+        + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    )
+    code = (
+        "import numpy as np, test_alignment as t\n"
+        "for dtype in (np.float32, np.float64):\n"
+        "    for shape, axis in t.CASES:\n"
+        "        print(np.dtype(dtype).name, shape, t.digest(t.outputs_at_offsets(shape, axis, dtype)[0]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == len(here)
+    for (name, shape), line in zip(here, lines):
+        assert line == "%s %s %s" % (name, shape, here[name, shape]), line
