@@ -773,7 +773,23 @@ static BNCY_NOINLINE void FN(rows_flat_normalize_unit)(const T *x, T *y, int64_t
     const int64_t rows = p1 - p0;
     int64_t r, k;
     for (k = 0; k < k0; k++) STORE(yf + k, (LOAD(xf + k) - hi[k]) * a[k] + b[k]);
-    for (r = 0; r < rows; r++) {
+    r = 0;
+    if (!stream) { /* four whole rows at a time: each constant loaded once for four values */
+        for (; r + 4 < rows || (k0 == 0 && r + 4 <= rows); r += 4) {
+            const T *BNCY_RESTRICT x0 = xf + k0 + r * C, *BNCY_RESTRICT x1 = x0 + C;
+            const T *BNCY_RESTRICT x2 = x1 + C, *BNCY_RESTRICT x3 = x2 + C;
+            T *BNCY_RESTRICT y0 = yf + k0 + r * C, *BNCY_RESTRICT y1 = y0 + C;
+            T *BNCY_RESTRICT y2 = y1 + C, *BNCY_RESTRICT y3 = y2 + C;
+            BNCY_IVDEP for (k = 0; k < C; k++) {
+                const CT h = hr[k], s = ar[k], t = br[k];
+                STORE(y0 + k, (LOAD(x0 + k) - h) * s + t);
+                STORE(y1 + k, (LOAD(x1 + k) - h) * s + t);
+                STORE(y2 + k, (LOAD(x2 + k) - h) * s + t);
+                STORE(y3 + k, (LOAD(x3 + k) - h) * s + t);
+            }
+        }
+    }
+    for (; r < rows; r++) {
         const T *BNCY_RESTRICT xr = xf + k0 + r * C;
         T *BNCY_RESTRICT yr = yf + k0 + r * C;
         const int64_t n = r + 1 < rows ? C : C - k0; /* the last row's first k0 are done */
@@ -848,12 +864,12 @@ int FN(bncy_normalize)(const T *x, bncy_strides xs, T *y, bncy_strides ys, bncy_
     int64_t u, c;
     if (sh.outer < 0 || sh.chan < 0 || sh.inner < 0) return BNCY_ERR_ARG;
     if (M == 0 || C == 0) return BNCY_OK;
-    hi = (CT *)malloc((size_t)((k0 > 0 || flat_stream ? 6 : 3) * C) * sizeof(CT));
+    hi = (CT *)malloc((size_t)((flat ? 6 : 3) * C) * sizeof(CT));
     if (!hi) return BNCY_ERR_NOMEM;
     a = hi + C;
     b = hi + 2 * C;
     FN(make_consts)(hi, a, b, C, mean, scale, shift);
-    if (k0 > 0 || flat_stream) { /* flat rows: aligned (and maybe streamed) vector stores */
+    if (flat) { /* flat rows: aligned (and maybe streamed) vector stores */
         const int64_t rows = bncy_max64(1, BNCY_ELEM_BLOCK / C), n_units = bncy_cdiv(M, rows);
         CT *hr = hi + 3 * C, *ar = hi + 4 * C, *br = hi + 5 * C;
         for (c = 0; c < C; c++) {
@@ -1288,7 +1304,7 @@ static void FN(dx_pass)(const T *dy, bncy_strides dys, const T *x, bncy_strides 
     const int stream = BNCY_T_STREAMS && (double)M * (double)C * sizeof(T) >= bncy_stream_min_bytes();
     const int flat_stream = stream && flat && (uintptr_t)(dx + k0) % BNCY_ALIGN == 0;
     int64_t u;
-    if (k0 > 0 || flat_stream) { /* flat rows: aligned (and maybe streamed) vector stores */
+    if (flat) { /* flat rows: aligned (and maybe streamed) vector stores */
         const int64_t rows = bncy_max64(1, BNCY_ELEM_BLOCK / C), n_units = bncy_cdiv(M, rows);
         CT *rot = (CT *)malloc((size_t)(5 * C) * sizeof(CT));
         FN(bncy_grad_consts) kr;
