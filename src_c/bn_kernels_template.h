@@ -450,13 +450,13 @@ BNCY_INLINE void FN(planes_stats_plain)(const T *x, bncy_strides xs, bncy_shape 
                                         const int unit_inner, const int pf) {
     const int64_t si = unit_inner ? 1 : xs.inner;
     CT mt[BNCY_SPAN_CBLOCK];
+    double s1[BNCY_SPAN_CBLOCK], s2[BNCY_SPAN_CBLOCK];
+    int64_t c0, c, ta, tb, p, redo;
     if (unit_inner && sh.inner <= BNCY_PLANE_SHORT_MAX && p0 % sh.inner == 0 &&
         p1 % sh.inner == 0) {
         FN(planes_stats_short)(x, xs, sh, p0, p1, gw, gmean, gm2, pf);
         return;
     }
-    double s1[BNCY_SPAN_CBLOCK], s2[BNCY_SPAN_CBLOCK];
-    int64_t c0, c, ta, tb, p, redo;
     for (c = 0; c < sh.chan; c++) gw[c] = gmean[c] = gm2[c] = 0.0;
     for (ta = p0; ta < p1; ta = tb) {
         /* a tile of BNCY_PLANES_TILE positions, or the rest of a plane of up to
@@ -756,6 +756,27 @@ BNCY_INLINE void FN(plane_normalize_impl)(const T *xp, int64_t sxi, T *yp, int64
     }
 }
 
+/* Whether an elementwise pass over this shape streams its output (bn_stream.h): outputs of at
+   least bncy_stream_min_bytes(), for the dtypes and ISAs that have streaming stores. */
+BNCY_INLINE int FN(streams)(bncy_shape sh) {
+    return BNCY_T_STREAMS &&
+           (double)sh.outer * (double)sh.inner * (double)sh.chan * sizeof(T) >= bncy_stream_min_bytes();
+}
+
+/* Whether flat rows of this shape keep one alignment from row to row (chan * sizeof(T) a
+   multiple of BNCY_ALIGN), so one peel k0 and one rotation serve every row, and whether the
+   array is long enough to be worth it. */
+BNCY_INLINE int FN(rows_alignable)(bncy_shape sh) {
+    return (sh.chan * (int64_t)sizeof(T)) % BNCY_ALIGN == 0 &&
+           sh.outer * sh.inner * sh.chan >= BNCY_PEEL_MIN;
+}
+
+/* dst[c] = src[(c + k0) % C]: per-channel constants for rows walked shifted by k0. */
+static void FN(rotate_consts)(CT *dst, const CT *src, int64_t C, int64_t k0) {
+    int64_t c;
+    for (c = 0; c < C; c++) dst[c] = src[(c + k0) % C];
+}
+
 /* Rows [p0, p1) of flat rows arrays (bncy_flat_rows) whose output rows start k0 elements before
    an aligned address (the same k0 for every row: chan * sizeof(T) is a multiple of BNCY_ALIGN).
    The run is walked as whole rows shifted by k0, so every vector store is aligned; hr/ar/br are
@@ -839,10 +860,8 @@ static BNCY_NOINLINE void FN(plane_normalize_unit)(const T *x, bncy_strides xs, 
         const int64_t c = q % sh.chan, o = q / sh.chan;
         const T *xp = x + o * xs.outer + c * xs.chan + i0 * xs.inner;
         T *yp = y + o * ys.outer + c * ys.chan + i0 * ys.inner;
-        if (unit && stream)
-            FN(plane_normalize_impl)(xp, 1, yp, 1, n, hi[c], a[c], b[c], 1);
-        else if (unit)
-            FN(plane_normalize_impl)(xp, 1, yp, 1, n, hi[c], a[c], b[c], 0);
+        if (unit)
+            FN(plane_normalize_impl)(xp, 1, yp, 1, n, hi[c], a[c], b[c], stream);
         else
             FN(plane_normalize_impl)(xp, xs.inner, yp, ys.inner, n, hi[c], a[c], b[c], 0);
     }
@@ -854,14 +873,12 @@ int FN(bncy_normalize)(const T *x, bncy_strides xs, T *y, bncy_strides ys, bncy_
                        int n_threads) {
     const int64_t C = sh.chan, M = sh.outer * sh.inner;
     const int nt = bncy_threads_for(M * C, n_threads);
-    const int flat = bncy_flat_rows(sh, xs) && bncy_flat_rows(sh, ys) &&
-                     (C * (int64_t)sizeof(T)) % BNCY_ALIGN == 0 && M * C >= BNCY_PEEL_MIN;
+    const int flat = bncy_flat_rows(sh, xs) && bncy_flat_rows(sh, ys) && FN(rows_alignable)(sh);
     const int64_t k0 = flat ? bncy_peel(y, (int64_t)sizeof(T), C) : 0;
-    /* outputs beyond the caches are streamed (bn_stream.h) */
-    const int stream = BNCY_T_STREAMS && (double)M * (double)C * sizeof(T) >= bncy_stream_min_bytes();
+    const int stream = FN(streams)(sh);
     const int flat_stream = stream && flat && (uintptr_t)(y + k0) % BNCY_ALIGN == 0;
     CT *hi, *a, *b;
-    int64_t u, c;
+    int64_t u;
     if (sh.outer < 0 || sh.chan < 0 || sh.inner < 0) return BNCY_ERR_ARG;
     if (M == 0 || C == 0) return BNCY_OK;
     hi = (CT *)malloc((size_t)((flat ? 6 : 3) * C) * sizeof(CT));
@@ -872,11 +889,9 @@ int FN(bncy_normalize)(const T *x, bncy_strides xs, T *y, bncy_strides ys, bncy_
     if (flat) { /* flat rows: aligned (and maybe streamed) vector stores */
         const int64_t rows = bncy_max64(1, BNCY_ELEM_BLOCK / C), n_units = bncy_cdiv(M, rows);
         CT *hr = hi + 3 * C, *ar = hi + 4 * C, *br = hi + 5 * C;
-        for (c = 0; c < C; c++) {
-            hr[c] = hi[(c + k0) % C];
-            ar[c] = a[(c + k0) % C];
-            br[c] = b[(c + k0) % C];
-        }
+        FN(rotate_consts)(hr, hi, C, k0);
+        FN(rotate_consts)(ar, a, C, k0);
+        FN(rotate_consts)(br, b, C, k0);
         BNCY_PARALLEL_FOR(nt, u, n_units, {
             const int64_t p0 = u * rows;
             FN(rows_flat_normalize_unit)(x, y, C, k0, hi, a, b, hr, ar, br, p0,
@@ -1257,16 +1272,14 @@ BNCY_INLINE void FN(plane_dx_one)(const T *dp, bncy_strides dys, const T *xp, bn
                                   const FN(bncy_grad_consts) * k, int64_t n, int64_t c,
                                   int training, int unit, int stream) {
     const CT *mask = wp;
-    if (!training && unit && stream)
-        FN(plane_dx_impl)(dp, 1, xp, 1, op, 1, NULL, n, c, *k, 0, 0, 1);
-    else if (!training)
-        FN(plane_dx_impl)(dp, dys.inner, xp, xs.inner, op, dxs.inner, NULL, n, c, *k, 0, 0, 0);
+    /* stream is looked at once per run, outside the vector loop: no specialization for it */
+    if (!training)
+        FN(plane_dx_impl)(dp, dys.inner, xp, xs.inner, op, dxs.inner, NULL, n, c, *k, 0, 0,
+                          stream);
     else if (unit && mask)
         FN(plane_dx_impl)(dp, 1, xp, 1, op, 1, wp, n, c, *k, 1, 1, 0);
-    else if (unit && stream)
-        FN(plane_dx_impl)(dp, 1, xp, 1, op, 1, NULL, n, c, *k, 1, 0, 1);
     else if (unit)
-        FN(plane_dx_impl)(dp, 1, xp, 1, op, 1, NULL, n, c, *k, 1, 0, 0);
+        FN(plane_dx_impl)(dp, 1, xp, 1, op, 1, NULL, n, c, *k, 1, 0, stream);
     else
         FN(plane_dx_impl)(dp, dys.inner, xp, xs.inner, op, dxs.inner, wp, n, c, *k, 1,
                           mask != NULL, 0);
@@ -1297,27 +1310,21 @@ static void FN(dx_pass)(const T *dy, bncy_strides dys, const T *x, bncy_strides 
     const int family = bncy_choose_family(sh, xs);
     const int nt = bncy_threads_for(M * C, n_threads);
     const int flat = !mask && bncy_flat_rows(sh, xs) && bncy_flat_rows(sh, dys) &&
-                     bncy_flat_rows(sh, dxs) && (C * (int64_t)sizeof(T)) % BNCY_ALIGN == 0 &&
-                     M * C >= BNCY_PEEL_MIN;
+                     bncy_flat_rows(sh, dxs) && FN(rows_alignable)(sh);
     const int64_t k0 = flat ? bncy_peel(dx, (int64_t)sizeof(T), C) : 0;
-    /* outputs beyond the caches are streamed (bn_stream.h) */
-    const int stream = BNCY_T_STREAMS && (double)M * (double)C * sizeof(T) >= bncy_stream_min_bytes();
+    const int stream = FN(streams)(sh);
     const int flat_stream = stream && flat && (uintptr_t)(dx + k0) % BNCY_ALIGN == 0;
     int64_t u;
     if (flat) { /* flat rows: aligned (and maybe streamed) vector stores */
         const int64_t rows = bncy_max64(1, BNCY_ELEM_BLOCK / C), n_units = bncy_cdiv(M, rows);
         CT *rot = (CT *)malloc((size_t)(5 * C) * sizeof(CT));
         FN(bncy_grad_consts) kr;
-        int64_t c;
         if (rot) {
-            for (c = 0; c < C; c++) {
-                const int64_t s = (c + k0) % C;
-                rot[c] = k.A[s];
-                rot[C + c] = k.B[s];
-                rot[2 * C + c] = k.K[s];
-                rot[3 * C + c] = k.inv[s];
-                rot[4 * C + c] = k.hi[s];
-            }
+            FN(rotate_consts)(rot, k.A, C, k0);
+            FN(rotate_consts)(rot + C, k.B, C, k0);
+            FN(rotate_consts)(rot + 2 * C, k.K, C, k0);
+            FN(rotate_consts)(rot + 3 * C, k.inv, C, k0);
+            FN(rotate_consts)(rot + 4 * C, k.hi, C, k0);
             kr.A = rot;
             kr.B = rot + C;
             kr.K = rot + 2 * C;

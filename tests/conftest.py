@@ -284,6 +284,25 @@ def apply_layout(a, layout, rng=None):
     raise ValueError(layout)
 
 
+def run_python(code, env_changes, timeout=300):
+    """Run `code` in a fresh interpreter with `env_changes` set, tests/ and the bn_cy under test
+    on its path (for settings the extension reads once, at its first call). Returns the
+    CompletedProcess, output captured as text."""
+    import subprocess
+    import sys
+
+    import bn_cy
+
+    env = dict(os.environ, **env_changes)
+    paths = [os.path.dirname(os.path.abspath(__file__)),
+             os.path.dirname(os.path.dirname(os.path.abspath(bn_cy.__file__)))]
+    if env.get("PYTHONPATH"):
+        paths.append(env["PYTHONPATH"])
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
 def snapshot(*arrays):
     """Copies of the arrays (None kept) for the inputs-never-modified checks."""
     return [None if a is None else np.array(a, copy=True) for a in arrays]

@@ -5,14 +5,12 @@ and whether the output was streamed, the results must be bitwise those of aligne
 match the float64 oracle."""
 
 import hashlib
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 import bn_cy
+from conftest import run_python
 from reference import ref_batch_norm, ref_batch_norm_backward
 
 CASES = [
@@ -92,20 +90,13 @@ def test_streamed_outputs_are_bitwise_the_same():
     for dtype in (np.float32, np.float64):
         for shape, axis in CASES:
             here[np.dtype(dtype).name, shape] = digest(outputs_at_offsets(shape, axis, dtype)[0])
-    tests_dir = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, BN_CY_STREAM_MIN_BYTES="0")
-    env["PYTHONPATH"] = os.pathsep.join(
-        [tests_dir, os.path.dirname(os.path.dirname(os.path.abspath(bn_cy.__file__)))]
-        + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
-    )
     code = (
         "import numpy as np, test_alignment as t\n"
         "for dtype in (np.float32, np.float64):\n"
         "    for shape, axis in t.CASES:\n"
         "        print(np.dtype(dtype).name, shape, t.digest(t.outputs_at_offsets(shape, axis, dtype)[0]))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=300)
+    out = run_python(code, {"BN_CY_STREAM_MIN_BYTES": "0"})
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.strip().splitlines()
     assert len(lines) == len(here)

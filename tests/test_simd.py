@@ -3,13 +3,10 @@ fresh interpreter: the variant is the one asked for, its results match the float
 they are bitwise identical for every thread count. (The rest of the suite runs the variant chosen
 by default, the highest one the CPU supports.)"""
 
-import os
-import subprocess
-import sys
-
 import pytest
 
 import bn_cy
+from conftest import run_python
 
 ORDER = ["baseline", "avx2+fma", "avx512"]
 INFO = bn_cy.build_info()
@@ -61,23 +58,14 @@ def test_simd_variant_matches_the_oracle(variant):
         pytest.skip("the %s variant was not compiled here" % variant)
     if variant not in _runnable():
         pytest.skip("this CPU cannot run the %s variant" % variant)
-    env = dict(os.environ, BN_CY_SIMD=variant)
-    tests_dir = os.path.dirname(os.path.abspath(__file__))
-    env["PYTHONPATH"] = os.pathsep.join(
-        [tests_dir, os.path.dirname(os.path.dirname(os.path.abspath(bn_cy.__file__)))]
-        + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
-    )
-    code = "WANT = %r\n" % variant + CHECK
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         timeout=300)
+    out = run_python("WANT = %r\n" % variant + CHECK, {"BN_CY_SIMD": variant})
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().endswith("ok")
 
 
 def test_unknown_simd_value_is_ignored():
     """An unknown BN_CY_SIMD value leaves the default choice."""
-    env = dict(os.environ, BN_CY_SIMD="no-such-level")
-    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(bn_cy.__file__)))
-    out = subprocess.run([sys.executable, "-c", "import bn_cy; print(bn_cy.build_info()['simd'])"],
-                         env=env, capture_output=True, text=True, timeout=120, check=True)
+    out = run_python("import bn_cy; print(bn_cy.build_info()['simd'])",
+                     {"BN_CY_SIMD": "no-such-level"}, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip() == INFO["simd"]
