@@ -1086,6 +1086,16 @@ BNCY_INLINE void FN(planes_grad_sums_impl)(const T *dy, bncy_strides dys, const 
     }
 }
 
+/* planes_grad_sums_impl of channel ch over positions [p0, p1), specialized for unit strides. */
+BNCY_INLINE void FN(plane_grad_sums)(const T *dy, bncy_strides dys, const T *x, bncy_strides xs,
+                                     bncy_shape sh, double m, int64_t p0, int64_t p1, int64_t ch,
+                                     double *sdy, double *sdyx) {
+    if (xs.inner == 1 && dys.inner == 1)
+        FN(planes_grad_sums_impl)(dy, dys, x, xs, sh, m, p0, p1, ch, sdy, sdyx, 1);
+    else
+        FN(planes_grad_sums_impl)(dy, dys, x, xs, sh, m, p0, p1, ch, sdy, sdyx, 0);
+}
+
 /* Unit u of backward pass 1; part = [sum dy | sum dy*(x-mean)], each G x C, g-major. */
 static BNCY_NOINLINE void FN(grad_sums_unit)(const T *dy, bncy_strides dys, const T *x,
                                              bncy_strides xs, bncy_shape sh, const double *mean,
@@ -1102,14 +1112,9 @@ static BNCY_NOINLINE void FN(grad_sums_unit)(const T *dy, bncy_strides dys, cons
                                     part + (G + g) * C + c0, 0);
     } else {
         int64_t ch;
-        for (ch = 0; ch < C; ch++) {
-            if (xs.inner == 1 && dys.inner == 1)
-                FN(planes_grad_sums_impl)(dy, dys, x, xs, sh, mean[ch], p0, p1, ch,
-                                          part + g * C + ch, part + (G + g) * C + ch, 1);
-            else
-                FN(planes_grad_sums_impl)(dy, dys, x, xs, sh, mean[ch], p0, p1, ch,
-                                          part + g * C + ch, part + (G + g) * C + ch, 0);
-        }
+        for (ch = 0; ch < C; ch++)
+            FN(plane_grad_sums)(dy, dys, x, xs, sh, mean[ch], p0, p1, ch, part + g * C + ch,
+                                part + (G + g) * C + ch);
     }
 }
 
@@ -1375,6 +1380,36 @@ int FN(bncy_grad_sums)(const T *dy, bncy_strides dys, const T *x, bncy_strides x
     return FN(grad_sums)(dy, dys, x, xs, sh, mean, sdy, sdyx, n_threads);
 }
 
+/* The dx constants of channel c into arr = [A | B | K | inv | hi], each of length C. */
+BNCY_INLINE void FN(grad_consts_chan)(CT *arr, int64_t C, int64_t c, double mean, double var,
+                                      const double *gamma, double eps, int training,
+                                      double wtotal, double sdy, double sdyx) {
+    const double inv = 1.0 / sqrt(var + eps);
+    const double g = gamma ? gamma[c] : 1.0;
+    const CT hi = (CT)mean;
+    const double lo = mean - (double)hi;
+    /* dx = A dy - B - xhat K with xhat = (x - mean) inv and K = g inv (inv sdyx) / W;
+       inv * (inv * sdyx): no underflow of inv^2 for huge variances */
+    const double kk = training ? g * inv * (inv * sdyx) / wtotal : 0.0;
+    const double bb = training ? g * inv * sdy / wtotal : 0.0;
+    arr[c] = (CT)(g * inv);
+    /* (x - mean) inv K = (x - hi) inv K - lo inv K: the lo part is folded into B in double */
+    arr[C + c] = (CT)(bb - (lo != 0.0 ? lo * inv * kk : 0.0));
+    arr[2 * C + c] = (CT)kk;
+    arr[3 * C + c] = (CT)inv;
+    arr[4 * C + c] = hi;
+}
+
+BNCY_INLINE FN(bncy_grad_consts) FN(grad_consts_view)(const CT *arr, int64_t C) {
+    FN(bncy_grad_consts) k;
+    k.A = arr;
+    k.B = arr + C;
+    k.K = arr + 2 * C;
+    k.inv = arr + 3 * C;
+    k.hi = arr + 4 * C;
+    return k;
+}
+
 /* Pass 2 of the backward: dx from the sums of pass 1 and the total weight W (training), or
    dx = dy * gamma / sqrt(var + eps) (inference; the sums and W are not used). */
 int FN(bncy_grad_input)(const T *dy, bncy_strides dys, const T *x, bncy_strides xs, T *dx,
@@ -1389,28 +1424,100 @@ int FN(bncy_grad_input)(const T *dy, bncy_strides dys, const T *x, bncy_strides 
     if (C == 0 || M == 0) return BNCY_OK;
     arr = (CT *)malloc((size_t)(5 * C) * sizeof(CT));
     if (!arr) return BNCY_ERR_NOMEM;
-    for (c = 0; c < C; c++) {
-        const double inv = 1.0 / sqrt(var[c] + eps);
-        const double g = gamma ? gamma[c] : 1.0;
-        const CT hi = (CT)mean[c];
-        const double lo = mean[c] - (double)hi;
-        /* dx = A dy - B - xhat K with xhat = (x - mean) inv and K = g inv (inv sdyx) / W;
-           inv * (inv * sdyx): no underflow of inv^2 for huge variances */
-        const double kk = training ? g * inv * (inv * sdyx[c]) / wtotal : 0.0;
-        const double bb = training ? g * inv * sdy[c] / wtotal : 0.0;
-        arr[c] = (CT)(g * inv);
-        /* (x - mean) inv K = (x - hi) inv K - lo inv K: the lo part is folded into B in double */
-        arr[C + c] = (CT)(bb - (lo != 0.0 ? lo * inv * kk : 0.0));
-        arr[2 * C + c] = (CT)kk;
-        arr[3 * C + c] = (CT)inv;
-        arr[4 * C + c] = hi;
-    }
-    k.A = arr;
-    k.B = arr + C;
-    k.K = arr + 2 * C;
-    k.inv = arr + 3 * C;
-    k.hi = arr + 4 * C;
+    for (c = 0; c < C; c++)
+        FN(grad_consts_chan)(arr, C, c, mean[c], var[c], gamma, eps, training, wtotal, sdy[c],
+                             sdyx[c]);
+    k = FN(grad_consts_view)(arr, C);
     FN(dx_pass)(dy, dys, x, xs, dx, dxs, sh, mask, k, training, n_threads);
+    free(arr);
+    return BNCY_OK;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Fused backward for planes: one block of channels at a time, the sums of pass 1 and then dx,
+ * so the second read of the block's x and dy comes from the cache (the two-pass walk above reads
+ * both whole arrays twice). A channel's sums are those of grad_sums: the same groups of
+ * positions, each summed by the same function and added in group order; the constants and the
+ * elementwise dx are those of bncy_grad_input. So the results are bitwise those of the two
+ * passes, for any block size and thread count.
+ * ------------------------------------------------------------------------------------------- */
+#ifndef BNCY_FUSED_CHAN_BYTES /* fused only when a channel's x + dy fit this */
+#define BNCY_FUSED_CHAN_BYTES (1024.0 * 1024)
+#endif
+#ifndef BNCY_FUSED_BLOCK_BYTES /* channels per unit: about this much x + dy */
+#define BNCY_FUSED_BLOCK_BYTES (512.0 * 1024)
+#endif
+#define BNCY_FUSED_CBLOCK_MAX 64
+
+/* Channels per fused unit for this shape, or 0 where the fused walk does not apply. */
+static int64_t FN(fused_cblock)(bncy_shape sh, bncy_strides xs, int n_threads) {
+    const double chan_bytes = 2.0 * (double)(sh.outer * sh.inner) * sizeof(T);
+    int64_t cb, units;
+    if (sh.chan < 2 || sh.inner < 2 || bncy_choose_family(sh, xs) != BNCY_PLANES) return 0;
+    if (chan_bytes > BNCY_FUSED_CHAN_BYTES) return 0;
+    cb = bncy_max64(1, bncy_min64((int64_t)(BNCY_FUSED_BLOCK_BYTES / chan_bytes),
+                                  BNCY_FUSED_CBLOCK_MAX));
+    units = bncy_cdiv(sh.chan, cb);
+    /* the units are split statically between the threads: enough of them to balance */
+    if (n_threads > 1 && units < 4 * (int64_t)n_threads) return 0;
+    return cb;
+}
+
+static BNCY_NOINLINE void FN(fused_unit)(const T *dy, bncy_strides dys, const T *x,
+                                         bncy_strides xs, T *dx, bncy_strides dxs, bncy_shape sh,
+                                         const CT *mask, const double *mean, const double *var,
+                                         const double *gamma, double eps, int training,
+                                         double wtotal, const bncy_plan *plan, CT *arr,
+                                         int64_t c0, int64_t nc, double *dgamma, double *dbeta,
+                                         int stream) {
+    const int64_t C = sh.chan, G = plan->n_groups;
+    const int unit = xs.inner == 1 && dys.inner == 1 && dxs.inner == 1;
+    const FN(bncy_grad_consts) k = FN(grad_consts_view)(arr, C);
+    double sdy[BNCY_FUSED_CBLOCK_MAX], sdyx[BNCY_FUSED_CBLOCK_MAX];
+    int64_t g, c, o;
+    for (c = 0; c < nc; c++) sdy[c] = sdyx[c] = 0.0;
+    for (g = 0; g < G; g++) {
+        const int64_t p0 = g * plan->group_len, p1 = bncy_min64(plan->M, p0 + plan->group_len);
+        for (c = 0; c < nc; c++) {
+            double a, b;
+            FN(plane_grad_sums)(dy, dys, x, xs, sh, mean[c0 + c], p0, p1, c0 + c, &a, &b);
+            sdy[c] += a;
+            sdyx[c] += b;
+        }
+    }
+    for (c = 0; c < nc; c++) {
+        dbeta[c0 + c] = sdy[c];
+        dgamma[c0 + c] = sdyx[c] / sqrt(var[c0 + c] + eps);
+        FN(grad_consts_chan)(arr, C, c0 + c, mean[c0 + c], var[c0 + c], gamma, eps, training,
+                             wtotal, sdy[c], sdyx[c]);
+    }
+    for (o = 0; o < sh.outer; o++) {
+        for (c = c0; c < c0 + nc; c++)
+            FN(plane_dx_one)(dy + o * dys.outer + c * dys.chan, dys, x + o * xs.outer + c * xs.chan,
+                             xs, dx + o * dxs.outer + c * dxs.chan, dxs,
+                             mask ? mask + o * sh.inner : NULL, &k, sh.inner, c, training, unit,
+                             stream);
+    }
+    if (stream) BNCY_STREAM_FENCE();
+}
+
+static int FN(planes_backward_fused)(const T *dy, bncy_strides dys, const T *x, bncy_strides xs,
+                                     T *dx, bncy_strides dxs, bncy_shape sh, const CT *mask,
+                                     const double *mean, const double *var, const double *gamma,
+                                     double eps, int training, double *dgamma, double *dbeta,
+                                     int64_t cb, int n_threads) {
+    const int64_t C = sh.chan, M = sh.outer * sh.inner, n_units = bncy_cdiv(C, cb);
+    const bncy_plan plan = bncy_make_plan(sh, xs);
+    const double wtotal = training ? FN(weight_total)(mask, M) : 0.0;
+    const int nt = bncy_threads_for(M * C, n_threads), stream = FN(streams)(sh);
+    CT *arr = (CT *)malloc((size_t)(5 * C) * sizeof(CT));
+    int64_t u;
+    if (!arr) return BNCY_ERR_NOMEM;
+    BNCY_PARALLEL_FOR(nt, u, n_units, {
+        const int64_t c0 = u * cb;
+        FN(fused_unit)(dy, dys, x, xs, dx, dxs, sh, mask, mean, var, gamma, eps, training, wtotal,
+                       &plan, arr, c0, bncy_min64(cb, C - c0), dgamma, dbeta, stream);
+    });
     free(arr);
     return BNCY_OK;
 }
@@ -1426,6 +1533,12 @@ int FN(bncy_batch_norm_backward)(const T *dy, bncy_strides dys, const T *x, bncy
     int status;
     if (sh.outer < 0 || sh.chan < 0 || sh.inner < 0) return BNCY_ERR_ARG;
     if (C == 0) return BNCY_OK;
+    if (M > 0) {
+        const int64_t cb = FN(fused_cblock)(sh, xs, n_threads);
+        if (cb > 0)
+            return FN(planes_backward_fused)(dy, dys, x, xs, dx, dxs, sh, mask, mean, var, gamma,
+                                             eps, training, dgamma, dbeta, cb, n_threads);
+    }
     sdyx = (double *)malloc((size_t)C * sizeof(double));
     if (!sdyx) return BNCY_ERR_NOMEM;
     status = FN(grad_sums)(dy, dys, x, xs, sh, mean, dbeta, sdyx, n_threads);

@@ -1,0 +1,100 @@
+"""The fused backward for channels-first (planes) layouts against the two-pass one.
+
+batch_norm_backward on planes takes one block of channels at a time (sums, then dx, while the
+block's x and dy are still in cache). The synchronized path keeps the two whole-array passes
+(grad_sums, then grad_input with the gathered sums). Both must give the same bits, so a
+synchronized call on one process equals a local one, whatever the thread count.
+"""
+
+import numpy as np
+import pytest
+
+import bn_cy
+from bn_cy import _kernels
+
+CASES = [
+    pytest.param((8, 64, 28, 28), 1, id="nchw"),  # long planes, one channel per block
+    pytest.param((64, 96, 128), 1, id="nct"),  # short planes, several channels per block
+    pytest.param((4, 7, 33), 1, id="small-odd"),
+    pytest.param((2, 300, 17), 1, id="many-channels"),
+    pytest.param((3, 5, 2, 9), 1, id="tiny-4d"),
+    pytest.param((16, 6, 1100), 1, id="few-channels"),
+    pytest.param((5, 40, 6, 6), 0, id="axis0"),
+]
+
+
+def _bits(a):
+    return np.ascontiguousarray(a).view(np.uint8)
+
+
+def _two_pass(dy, x, axis, w, mean, var, gamma, eps, training, wtotal, n_threads):
+    sdy, sdyx = _kernels.grad_sums(dy, x, axis, mean, n_threads)
+    dx = _kernels.grad_input(dy, x, axis, None, w, mean, var, gamma, eps, training, wtotal, sdy,
+                             sdyx, n_threads)
+    return dx, sdy, sdyx / np.sqrt(var + eps)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("shape,axis", CASES)
+def test_fused_equals_two_pass(shape, axis, dtype):
+    rng = np.random.default_rng(11)
+    cdt = np.float64 if dtype == np.float64 else np.float32
+    x = (rng.standard_normal(shape) * 3 + 5).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    mean, var = (np.asarray(a, np.float64) for a in bn_cy.moments(x, axis))
+    gamma = rng.uniform(0.5, 1.5, shape[axis])
+    positions = shape[:axis] + shape[axis + 1:]
+    for training in (True, False):
+        for masked in (False, True):
+            w = (rng.random(positions) < 0.7).astype(cdt) if masked and training else None
+            # 0/1 weights: their total is exact in any summation order
+            wtotal = float(w.sum()) if w is not None else float(x.size // shape[axis])
+            ref = _two_pass(dy, x, axis, w, mean, var, gamma, 1e-3, training, wtotal, 1)
+            for n in (1, 2, 3):
+                dx, dg, db = _kernels.batch_norm_backward(dy, x, axis, None, w, mean, var, gamma,
+                                                          1e-3, training, n)
+                where = f"training={training} masked={masked} n_threads={n}"
+                assert np.array_equal(_bits(dx), _bits(ref[0])), "dx " + where
+                # dgamma and dbeta come back in the dtype of x
+                assert np.array_equal(db, ref[1].astype(db.dtype)), "dbeta " + where
+                assert np.array_equal(dg, ref[2].astype(dg.dtype)), "dgamma " + where
+
+
+def test_fused_strided_and_negative_strides():
+    rng = np.random.default_rng(5)
+    base = rng.standard_normal((12, 40, 70))
+    x = base[::-1, :, ::2]  # negative outer stride, strided inner
+    dy = np.sin(np.arange(x.size, dtype=np.float64)).reshape(x.shape)[:, ::-1]
+    mean, var = (np.asarray(a, np.float64) for a in bn_cy.moments(x, 1))
+    gamma = np.linspace(0.5, 2.0, 40)
+    ref = _two_pass(dy, x, 1, None, mean, var, gamma, 1e-3, True, float(12 * 35), 1)
+    for n in (1, 2):
+        dx, dg, db = _kernels.batch_norm_backward(dy, x, 1, None, None, mean, var, gamma, 1e-3,
+                                                  True, n)
+        assert np.array_equal(_bits(dx), _bits(ref[0]))
+        assert np.array_equal(db, ref[1])
+        assert np.array_equal(dg, ref[2])
+
+
+def test_fused_matches_float64_oracle():
+    """An independent check of the values (not only of the agreement of the two paths)."""
+    rng = np.random.default_rng(2)
+    x = (rng.standard_normal((16, 48, 20, 20)) * 2 + 100).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    gamma = rng.uniform(0.5, 1.5, 48)
+    _, mean, var = bn_cy.batch_norm_train(x, gamma, None, axis=1)
+    dx, dg, db = bn_cy.batch_norm_backward(dy, x, mean, var, gamma, axis=1)
+    xd, gd = x.astype(np.float64), dy.astype(np.float64)
+    ax = (0, 2, 3)
+    m = xd.mean(ax, keepdims=True)
+    v = ((xd - m) ** 2).mean(ax, keepdims=True)
+    inv = 1.0 / np.sqrt(v + 1e-3)
+    xhat = (xd - m) * inv
+    g = gamma.reshape(1, -1, 1, 1)
+    ref_db = gd.sum(ax)
+    ref_dg = (gd * xhat).sum(ax)
+    ref_dx = g * inv * (gd - gd.mean(ax, keepdims=True) - xhat * (gd * xhat).mean(ax, keepdims=True))
+    scale = np.abs(g * inv * gd).max()
+    assert np.max(np.abs(dx - ref_dx)) <= 1e-5 * scale
+    assert np.allclose(db, ref_db, rtol=1e-5, atol=1e-3)
+    assert np.allclose(dg, ref_dg, rtol=1e-5, atol=1e-3)
