@@ -599,11 +599,14 @@ static void FN(planes_stats_unit)(const T *x, bncy_strides xs, bncy_shape sh, co
 }
 
 /* Unit u of the statistics: (group, channel block) for rows, a group for planes. Writes its
-   partials into part = [w | mean | m2], each G x C, g-major. */
+   partials into part = [w | mean | m2], each G x C, g-major. The channel blocks of one group are
+   consecutive units, so the static split gives each thread whole groups of positions: about the
+   rows its share of the elementwise pass then reads, still in its own cache. */
 static BNCY_NOINLINE void FN(stats_unit)(const T *x, bncy_strides xs, bncy_shape sh,
                                          const CT *mask, const bncy_plan *plan, double *part,
                                          int64_t u) {
-    const int64_t G = plan->n_groups, C = sh.chan, g = u % G, blk = u / G;
+    const int64_t G = plan->n_groups, C = sh.chan, g = u / plan->n_cblocks;
+    const int64_t blk = u % plan->n_cblocks;
     const int64_t p0 = g * plan->group_len, p1 = bncy_min64(plan->M, p0 + plan->group_len);
     double *pw = part, *pm = part + G * C, *pm2 = part + 2 * G * C;
     /* prefetch hints pay where the data stream from memory, not from the caches */
@@ -773,8 +776,8 @@ BNCY_INLINE int FN(rows_alignable)(bncy_shape sh) {
 
 /* dst[c] = src[(c + k0) % C]: per-channel constants for rows walked shifted by k0. */
 static void FN(rotate_consts)(CT *dst, const CT *src, int64_t C, int64_t k0) {
-    int64_t c;
-    for (c = 0; c < C; c++) dst[c] = src[(c + k0) % C];
+    memcpy(dst, src + k0, (size_t)(C - k0) * sizeof(CT)); /* 0 <= k0 <= C */
+    memcpy(dst + (C - k0), src, (size_t)k0 * sizeof(CT));
 }
 
 /* Rows [p0, p1) of flat rows arrays (bncy_flat_rows) whose output rows start k0 elements before
@@ -1096,11 +1099,13 @@ BNCY_INLINE void FN(plane_grad_sums)(const T *dy, bncy_strides dys, const T *x, 
         FN(planes_grad_sums_impl)(dy, dys, x, xs, sh, m, p0, p1, ch, sdy, sdyx, 0);
 }
 
-/* Unit u of backward pass 1; part = [sum dy | sum dy*(x-mean)], each G x C, g-major. */
+/* Unit u of backward pass 1 (split as in stats_unit); part = [sum dy | sum dy*(x-mean)], each
+   G x C, g-major. */
 static BNCY_NOINLINE void FN(grad_sums_unit)(const T *dy, bncy_strides dys, const T *x,
                                              bncy_strides xs, bncy_shape sh, const double *mean,
                                              const bncy_plan *plan, double *part, int64_t u) {
-    const int64_t G = plan->n_groups, C = sh.chan, g = u % G, blk = u / G;
+    const int64_t G = plan->n_groups, C = sh.chan, g = u / plan->n_cblocks;
+    const int64_t blk = u % plan->n_cblocks;
     const int64_t p0 = g * plan->group_len, p1 = bncy_min64(plan->M, p0 + plan->group_len);
     if (plan->family == BNCY_ROWS) {
         const int64_t c0 = blk * plan->cblock, nc = bncy_min64(plan->cblock, C - c0);
