@@ -944,10 +944,120 @@ int FN(bncy_batch_norm)(const T *x, bncy_strides xs, T *y, bncy_strides ys, bncy
     return FN(affine_normalize)(x, xs, y, ys, sh, mean, var, gamma, beta, eps, n_threads);
 }
 
+/* ---------------------------------------------------------------------------------------------
+ * Fused passes for planes (channels-first layouts): one block of channels at a time, first its
+ * reduction and then its elementwise pass, so the second read of the block's inputs comes from
+ * the cache instead of memory (the separate passes read the whole inputs twice). Every channel
+ * is computed by the functions of the separate passes in the same order, so the results are
+ * bitwise the same for any block size and thread count; only the order of the memory walk
+ * changes. Used where one channel's inputs fit BNCY_FUSED_CHAN_BYTES and there are enough
+ * blocks to share between the threads.
+ * ------------------------------------------------------------------------------------------- */
+#ifndef BNCY_FUSED_CHAN_BYTES /* fused only when a channel's inputs fit this */
+#define BNCY_FUSED_CHAN_BYTES (1024.0 * 1024)
+#endif
+#ifndef BNCY_FUSED_BLOCK_BYTES /* channels per unit: about this much input */
+#define BNCY_FUSED_BLOCK_BYTES (512.0 * 1024)
+#endif
+#define BNCY_FUSED_CBLOCK_MAX 64
+
+/* Channels per fused unit for this shape, or 0 where the fused walk does not apply; n_in is the
+   number of inputs read twice (x for the training forward, x and dy for the backward). */
+static int64_t FN(fused_cblock)(bncy_shape sh, bncy_strides xs, int n_in, int n_threads) {
+    const double chan_bytes = (double)n_in * (double)(sh.outer * sh.inner) * sizeof(T);
+    int64_t cb, units;
+    if (sh.chan < 2 || sh.inner < 2 || bncy_choose_family(sh, xs) != BNCY_PLANES) return 0;
+    if (chan_bytes > BNCY_FUSED_CHAN_BYTES) return 0;
+    cb = bncy_max64(1, bncy_min64((int64_t)(BNCY_FUSED_BLOCK_BYTES / chan_bytes),
+                                  BNCY_FUSED_CBLOCK_MAX));
+    units = bncy_cdiv(sh.chan, cb);
+    /* the units are split statically between the threads: enough of them to balance */
+    if (n_threads > 1 && units < 4 * (int64_t)n_threads) return 0;
+    return cb;
+}
+
+
+/* Training forward of channels [c0, c0 + nc): the statistics of bncy_moments (the planes units
+   of stats_unit restricted to these channels, merged by merge_groups in group order; part holds
+   3 * G * nc doubles), then the constants of affine_normalize and plane_normalize_unit's
+   elementwise pass. */
+static BNCY_NOINLINE void FN(train_fused_unit)(const T *x, bncy_strides xs, T *y, bncy_strides ys,
+                                               bncy_shape sh, const CT *mask,
+                                               const double *gamma, const double *beta,
+                                               double eps, const bncy_plan *plan, int64_t c0,
+                                               int64_t nc, double *part, double *mean,
+                                               double *var, int stream) {
+    const int64_t G = plan->n_groups;
+    const int unit = xs.inner == 1 && ys.inner == 1;
+    const int pf = (double)plan->M * (double)sh.chan * sizeof(T) >= BNCY_PREFETCH_MIN_BYTES;
+    const T *xb = x + c0 * xs.chan;
+    bncy_shape shb = sh;
+    double w[BNCY_FUSED_CBLOCK_MAX], scale[BNCY_FUSED_CBLOCK_MAX];
+    CT hi[BNCY_FUSED_CBLOCK_MAX], a[BNCY_FUSED_CBLOCK_MAX], b[BNCY_FUSED_CBLOCK_MAX];
+    int64_t g, c, o;
+    shb.chan = nc; /* the planes kernels take the channels in turn: a block is a narrower x */
+    for (g = 0; g < G; g++) {
+        const int64_t p0 = g * plan->group_len, p1 = bncy_min64(plan->M, p0 + plan->group_len);
+        FN(planes_stats_unit)(xb, xs, shb, mask, p0, p1, part + g * nc, part + (G + g) * nc,
+                              part + (2 * G + g) * nc, pf);
+    }
+    FN(merge_groups)(part, G, nc, w, mean + c0, var + c0);
+    for (c = 0; c < nc; c++) {
+        double *m = mean + c0 + c, *v = var + c0 + c;
+        if (w[c] > 0.0) {
+            *v /= w[c];
+        } else {
+            *m = *v = NAN;
+        }
+        scale[c] = (gamma ? gamma[c0 + c] : 1.0) / sqrt(*v + eps);
+    }
+    FN(make_consts)(hi, a, b, nc, mean + c0, scale, beta ? beta + c0 : NULL);
+    for (o = 0; o < sh.outer; o++) {
+        for (c = 0; c < nc; c++) {
+            const T *xp = x + o * xs.outer + (c0 + c) * xs.chan;
+            T *yp = y + o * ys.outer + (c0 + c) * ys.chan;
+            if (unit)
+                FN(plane_normalize_impl)(xp, 1, yp, 1, sh.inner, hi[c], a[c], b[c], stream);
+            else
+                FN(plane_normalize_impl)(xp, xs.inner, yp, ys.inner, sh.inner, hi[c], a[c], b[c],
+                                         0);
+        }
+    }
+    if (unit && stream) BNCY_STREAM_FENCE();
+}
+
+static int FN(train_fused)(const T *x, bncy_strides xs, T *y, bncy_strides ys, bncy_shape sh,
+                           const CT *mask, const double *gamma, const double *beta, double eps,
+                           double *mean, double *var, int64_t cb, int n_threads) {
+    const int64_t C = sh.chan, n_units = bncy_cdiv(C, cb);
+    const bncy_plan plan = bncy_make_plan(sh, xs);
+    const int nt = bncy_threads_for(plan.M * C, n_threads), stream = FN(streams)(sh);
+    /* each unit's partials, [w | mean | m2] x G x (its channels), at 3 * G * c0 */
+    double *part = (double *)malloc((size_t)(3 * plan.n_groups * C) * sizeof(double));
+    int64_t u;
+    if (!part) return BNCY_ERR_NOMEM;
+    BNCY_PARALLEL_FOR(nt, u, n_units, {
+        const int64_t c0 = u * cb;
+        FN(train_fused_unit)(x, xs, y, ys, sh, mask, gamma, beta, eps, &plan, c0,
+                             bncy_min64(cb, C - c0), part + 3 * plan.n_groups * c0, mean, var,
+                             stream);
+    });
+    free(part);
+    return BNCY_OK;
+}
+
 int FN(bncy_batch_norm_train)(const T *x, bncy_strides xs, T *y, bncy_strides ys, bncy_shape sh,
                               const CT *mask, const double *gamma, const double *beta,
                               double eps, double *mean, double *var, int n_threads) {
-    int status = FN(bncy_moments)(x, xs, sh, mask, mean, var, n_threads);
+    int status;
+    if (sh.outer < 0 || sh.chan < 0 || sh.inner < 0) return BNCY_ERR_ARG;
+    if (sh.outer > 0 && sh.chan > 0) {
+        const int64_t cb = FN(fused_cblock)(sh, xs, 1, n_threads);
+        if (cb > 0)
+            return FN(train_fused)(x, xs, y, ys, sh, mask, gamma, beta, eps, mean, var, cb,
+                                   n_threads);
+    }
+    status = FN(bncy_moments)(x, xs, sh, mask, mean, var, n_threads);
     if (status != BNCY_OK) return status;
     return FN(affine_normalize)(x, xs, y, ys, sh, mean, var, gamma, beta, eps, n_threads);
 }
@@ -1438,36 +1548,11 @@ int FN(bncy_grad_input)(const T *dy, bncy_strides dys, const T *x, bncy_strides 
     return BNCY_OK;
 }
 
-/* ---------------------------------------------------------------------------------------------
- * Fused backward for planes: one block of channels at a time, the sums of pass 1 and then dx,
- * so the second read of the block's x and dy comes from the cache (the two-pass walk above reads
- * both whole arrays twice). A channel's sums are those of grad_sums: the same groups of
- * positions, each summed by the same function and added in group order; the constants and the
- * elementwise dx are those of bncy_grad_input. So the results are bitwise those of the two
- * passes, for any block size and thread count.
- * ------------------------------------------------------------------------------------------- */
-#ifndef BNCY_FUSED_CHAN_BYTES /* fused only when a channel's x + dy fit this */
-#define BNCY_FUSED_CHAN_BYTES (1024.0 * 1024)
-#endif
-#ifndef BNCY_FUSED_BLOCK_BYTES /* channels per unit: about this much x + dy */
-#define BNCY_FUSED_BLOCK_BYTES (512.0 * 1024)
-#endif
-#define BNCY_FUSED_CBLOCK_MAX 64
-
-/* Channels per fused unit for this shape, or 0 where the fused walk does not apply. */
-static int64_t FN(fused_cblock)(bncy_shape sh, bncy_strides xs, int n_threads) {
-    const double chan_bytes = 2.0 * (double)(sh.outer * sh.inner) * sizeof(T);
-    int64_t cb, units;
-    if (sh.chan < 2 || sh.inner < 2 || bncy_choose_family(sh, xs) != BNCY_PLANES) return 0;
-    if (chan_bytes > BNCY_FUSED_CHAN_BYTES) return 0;
-    cb = bncy_max64(1, bncy_min64((int64_t)(BNCY_FUSED_BLOCK_BYTES / chan_bytes),
-                                  BNCY_FUSED_CBLOCK_MAX));
-    units = bncy_cdiv(sh.chan, cb);
-    /* the units are split statically between the threads: enough of them to balance */
-    if (n_threads > 1 && units < 4 * (int64_t)n_threads) return 0;
-    return cb;
-}
-
+/* Fused backward for planes (see fused_cblock): one block of channels at a time, the sums of
+   pass 1 and then dx, so the second read of the block's x and dy comes from the cache. A
+   channel's sums are those of grad_sums: the same groups of positions, each summed by the same
+   function and added in group order; the constants and the elementwise dx are those of
+   bncy_grad_input. So the results are bitwise those of the two passes. */
 static BNCY_NOINLINE void FN(fused_unit)(const T *dy, bncy_strides dys, const T *x,
                                          bncy_strides xs, T *dx, bncy_strides dxs, bncy_shape sh,
                                          const CT *mask, const double *mean, const double *var,
@@ -1539,7 +1624,7 @@ int FN(bncy_batch_norm_backward)(const T *dy, bncy_strides dys, const T *x, bncy
     if (sh.outer < 0 || sh.chan < 0 || sh.inner < 0) return BNCY_ERR_ARG;
     if (C == 0) return BNCY_OK;
     if (M > 0) {
-        const int64_t cb = FN(fused_cblock)(sh, xs, n_threads);
+        const int64_t cb = FN(fused_cblock)(sh, xs, 2, n_threads);
         if (cb > 0)
             return FN(planes_backward_fused)(dy, dys, x, xs, dx, dxs, sh, mask, mean, var, gamma,
                                              eps, training, dgamma, dbeta, cb, n_threads);

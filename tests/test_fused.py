@@ -1,8 +1,9 @@
-"""The fused backward for channels-first (planes) layouts against the two-pass one.
+"""The fused passes for channels-first (planes) layouts against the separate ones.
 
-batch_norm_backward on planes takes one block of channels at a time (sums, then dx, while the
-block's x and dy are still in cache). The synchronized path keeps the two whole-array passes
-(grad_sums, then grad_input with the gathered sums). Both must give the same bits, so a
+batch_norm_train and batch_norm_backward on planes take one block of channels at a time (the
+reduction, then the elementwise pass, while the block's inputs are still in cache). The
+synchronized paths keep whole-array passes: moments_partial then batch_norm with the gathered
+statistics, grad_sums then grad_input with the gathered sums. Both must give the same bits, so a
 synchronized call on one process equals a local one, whatever the thread count.
 """
 
@@ -34,16 +35,21 @@ def _two_pass(dy, x, axis, w, mean, var, gamma, eps, training, wtotal, n_threads
     return dx, sdy, sdyx / np.sqrt(var + eps)
 
 
+def _case(shape, axis, dtype, seed):
+    """rng, compute dtype, x, gamma and the shape of a mask for one case."""
+    rng = np.random.default_rng(seed)
+    cdt = np.float64 if dtype == np.float64 else np.float32
+    x = (rng.standard_normal(shape) * 3 + 5).astype(dtype)
+    gamma = rng.uniform(0.5, 1.5, shape[axis])
+    return rng, cdt, x, gamma, shape[:axis] + shape[axis + 1:]
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
 @pytest.mark.parametrize("shape,axis", CASES)
 def test_fused_equals_two_pass(shape, axis, dtype):
-    rng = np.random.default_rng(11)
-    cdt = np.float64 if dtype == np.float64 else np.float32
-    x = (rng.standard_normal(shape) * 3 + 5).astype(dtype)
+    rng, cdt, x, gamma, positions = _case(shape, axis, dtype, 11)
     dy = rng.standard_normal(shape).astype(dtype)
     mean, var = (np.asarray(a, np.float64) for a in bn_cy.moments(x, axis))
-    gamma = rng.uniform(0.5, 1.5, shape[axis])
-    positions = shape[:axis] + shape[axis + 1:]
     for training in (True, False):
         for masked in (False, True):
             w = (rng.random(positions) < 0.7).astype(cdt) if masked and training else None
@@ -60,6 +66,28 @@ def test_fused_equals_two_pass(shape, axis, dtype):
                 assert np.array_equal(dg, ref[2].astype(dg.dtype)), "dgamma " + where
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("shape,axis", CASES)
+def test_fused_train_equals_separate_passes(shape, axis, dtype):
+    rng, cdt, x, gamma, positions = _case(shape, axis, dtype, 13)
+    x.flat[::7] = 5  # some repeated values
+    beta = rng.uniform(-1, 1, shape[axis])
+    for masked in (False, True):
+        for g, b in ((gamma, beta), (None, None)):
+            w = rng.choice([0.0, 0.5, 1.0, 3.0], positions).astype(cdt) if masked else None
+            wsum, mean, m2 = _kernels.moments_partial(x, axis, w, 1)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                var = np.where(wsum > 0, m2 / wsum, np.nan)
+            mean = np.where(wsum > 0, mean, np.nan)
+            y_ref = _kernels.batch_norm(x, axis, None, mean, var, g, b, 1e-3, 1)
+            for n in (1, 2, 3):
+                y, m, v = _kernels.batch_norm_train(x, axis, None, w, g, b, 1e-3, n)
+                where = f"masked={masked} affine={g is not None} n_threads={n}"
+                assert np.array_equal(_bits(y), _bits(y_ref)), "y " + where
+                assert np.array_equal(_bits(m), _bits(mean.astype(m.dtype))), "mean " + where
+                assert np.array_equal(_bits(v), _bits(var.astype(v.dtype))), "var " + where
+
+
 def test_fused_strided_and_negative_strides():
     rng = np.random.default_rng(5)
     base = rng.standard_normal((12, 40, 70))
@@ -74,6 +102,12 @@ def test_fused_strided_and_negative_strides():
         assert np.array_equal(_bits(dx), _bits(ref[0]))
         assert np.array_equal(db, ref[1])
         assert np.array_equal(dg, ref[2])
+    wsum, mean, m2 = _kernels.moments_partial(x, 1, None, 1)
+    y_ref = _kernels.batch_norm(x, 1, None, mean, m2 / wsum, gamma, None, 1e-3, 1)
+    for n in (1, 2):
+        y, m, v = _kernels.batch_norm_train(x, 1, None, None, gamma, None, 1e-3, n)
+        assert np.array_equal(_bits(y), _bits(y_ref))
+        assert np.array_equal(m, mean) and np.array_equal(v, m2 / wsum)
 
 
 def test_fused_matches_float64_oracle():
@@ -82,7 +116,7 @@ def test_fused_matches_float64_oracle():
     x = (rng.standard_normal((16, 48, 20, 20)) * 2 + 100).astype(np.float32)
     dy = rng.standard_normal(x.shape).astype(np.float32)
     gamma = rng.uniform(0.5, 1.5, 48)
-    _, mean, var = bn_cy.batch_norm_train(x, gamma, None, axis=1)
+    y, mean, var = bn_cy.batch_norm_train(x, gamma, None, axis=1)
     dx, dg, db = bn_cy.batch_norm_backward(dy, x, mean, var, gamma, axis=1)
     xd, gd = x.astype(np.float64), dy.astype(np.float64)
     ax = (0, 2, 3)
@@ -94,6 +128,9 @@ def test_fused_matches_float64_oracle():
     ref_db = gd.sum(ax)
     ref_dg = (gd * xhat).sum(ax)
     ref_dx = g * inv * (gd - gd.mean(ax, keepdims=True) - xhat * (gd * xhat).mean(ax, keepdims=True))
+    assert np.max(np.abs(mean - m.ravel())) <= 1e-6 * 100
+    assert np.max(np.abs(var - v.ravel()) / v.ravel()) <= 1e-5
+    assert np.max(np.abs(y - g * xhat)) <= 1e-5 * np.abs(g * xhat).max()
     scale = np.abs(g * inv * gd).max()
     assert np.max(np.abs(dx - ref_dx)) <= 1e-5 * scale
     assert np.allclose(db, ref_db, rtol=1e-5, atol=1e-3)
