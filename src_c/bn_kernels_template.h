@@ -1099,7 +1099,7 @@ BNCY_INLINE void FN(rows_grad_sums_impl)(const T *dy, bncy_strides dys, const T 
     const int64_t sxc = unit_chan ? 1 : xs.chan, sdc = unit_chan ? 1 : dys.chan;
     FN(bncy_pos) qx = FN(pos_at)(p0, sh, xs), qd = FN(pos_at)(p0, sh, dys);
     CT hi[BNCY_CBLOCK_MAX];
-    int64_t p = p0, c, j;
+    int64_t p = p0, c, j, redo;
     for (c = 0; c < nc; c++) {
         sdy[c] = sdyx[c] = 0.0;
         hi[c] = (CT)mean[c0 + c];
@@ -1127,6 +1127,16 @@ BNCY_INLINE void FN(rows_grad_sums_impl)(const T *dy, bncy_strides dys, const T 
         }
         FN(pos_next)(&qx, sh, xs);
         FN(pos_next)(&qd, sh, dys);
+    }
+    redo = 0;
+    BNCY_IVDEP for (c = 0; c < nc; c++) /* a branch-free count of Inf/NaN sums */
+        redo += (sdy[c] - sdy[c] != 0.0) | (sdyx[c] - sdyx[c] != 0.0);
+    if (!redo) { /* the usual case: only the low part of the mean to apply */
+        BNCY_IVDEP for (c = 0; c < nc; c++) {
+            const double lo = mean[c0 + c] - (double)hi[c];
+            sdyx[c] -= lo != 0.0 ? lo * sdy[c] : 0.0;
+        }
+        return;
     }
     for (c = 0; c < nc; c++) {
         const double lo = mean[c0 + c] - (double)hi[c];
@@ -1239,7 +1249,7 @@ static int FN(grad_sums)(const T *dy, bncy_strides dys, const T *x, bncy_strides
     const int64_t C = sh.chan;
     bncy_plan plan;
     double *part;
-    int64_t G, u, c;
+    int64_t G, u, c, g;
     int nt;
     if (sh.outer == 0 || sh.inner == 0) {
         for (c = 0; c < C; c++) sdy[c] = sdyx[c] = 0.0;
@@ -1252,15 +1262,14 @@ static int FN(grad_sums)(const T *dy, bncy_strides dys, const T *x, bncy_strides
     nt = bncy_threads_for(plan.M * C, n_threads);
     BNCY_PARALLEL_FOR(nt, u, plan.n_units,
                       { FN(grad_sums_unit)(dy, dys, x, xs, sh, mean, &plan, part, u); });
-    for (c = 0; c < C; c++) {
-        double a = 0.0, b = 0.0;
-        int64_t g;
-        for (g = 0; g < G; g++) {
-            a += part[g * C + c];
-            b += part[(G + g) * C + c];
+    /* each channel's groups added in order (the channel loop innermost, so it vectorizes) */
+    for (c = 0; c < C; c++) sdy[c] = sdyx[c] = 0.0;
+    for (g = 0; g < G; g++) {
+        const double *BNCY_RESTRICT pa = part + g * C, *BNCY_RESTRICT pb = part + (G + g) * C;
+        BNCY_IVDEP for (c = 0; c < C; c++) {
+            sdy[c] += pa[c];
+            sdyx[c] += pb[c];
         }
-        sdy[c] = a;
-        sdyx[c] = b;
     }
     free(part);
     return BNCY_OK;
