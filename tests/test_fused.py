@@ -135,3 +135,23 @@ def test_fused_matches_float64_oracle():
     assert np.max(np.abs(dx - ref_dx)) <= 1e-5 * scale
     assert np.allclose(db, ref_db, rtol=1e-5, atol=1e-3)
     assert np.allclose(dg, ref_dg, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("shape", [(8, 64, 28, 28), (64, 96, 128)], ids=["nchw", "nct"])
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_fused_in_place(shape, n_threads):
+    """out= the input: a block's reduction is complete before its outputs overwrite it."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(shape).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    y, m, v = bn_cy.batch_norm_train(x, axis=1, n_threads=n_threads)
+    x2 = x.copy()
+    y2, m2, v2 = bn_cy.batch_norm_train(x2, axis=1, out=x2, n_threads=n_threads)
+    assert np.shares_memory(y2, x2)
+    assert np.array_equal(_bits(x2), _bits(y)) and np.array_equal(m2, m) and np.array_equal(v2, v)
+    dx, _, _ = bn_cy.batch_norm_backward(dy, x, m, v, axis=1, n_threads=n_threads)
+    for target in ("dy", "x"):
+        d, xx = dy.copy(), x.copy()
+        out = d if target == "dy" else xx
+        bn_cy.batch_norm_backward(d, xx, m, v, axis=1, out=out, n_threads=n_threads)
+        assert np.array_equal(_bits(out), _bits(dx)), target
