@@ -263,6 +263,28 @@ BNCY_INLINE void bncy_chan_merge(double *wa, double *ma, double *m2a, double wb,
     *wa = w;
 }
 
+/* ---- per-channel formulas shared by the separate and the fused passes ------------------- */
+
+/* mean/var (var holding the sum of squared deviations m2) from a channel's total weight w: the
+   variance m2 / w, or NaN for both where the channel has no weight. */
+static inline void bncy_finish_moments(double w, double *mean, double *var) {
+    if (w > 0.0) {
+        *var /= w;
+    } else {
+        *mean = *var = NAN;
+    }
+}
+
+/* The normalize's scale gamma / sqrt(var + eps) (gamma NULL: 1). */
+static inline double bncy_affine_scale(const double *gamma, int64_t c, double var, double eps) {
+    return (gamma ? gamma[c] : 1.0) / sqrt(var + eps);
+}
+
+/* dgamma = sum(dy * xhat) = sum(dy * (x - mean)) / sqrt(var + eps). */
+static inline double bncy_dgamma(double sdyx, double var, double eps) {
+    return sdyx / sqrt(var + eps);
+}
+
 /* ---- 16-bit floats ----------------------------------------------------------------------- */
 
 BNCY_INLINE float bncy_bits_to_float(uint32_t u) {

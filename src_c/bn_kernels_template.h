@@ -691,13 +691,7 @@ int FN(bncy_moments)(const T *x, bncy_strides xs, bncy_shape sh, const CT *mask,
     if (!w) return BNCY_ERR_NOMEM;
     status = FN(bncy_moments_partial)(x, xs, sh, mask, w, mean, var, n_threads);
     if (status == BNCY_OK) {
-        for (c = 0; c < sh.chan; c++) {
-            if (w[c] > 0.0) {
-                var[c] /= w[c];
-            } else {
-                mean[c] = var[c] = NAN;
-            }
-        }
+        for (c = 0; c < sh.chan; c++) bncy_finish_moments(w[c], &mean[c], &var[c]);
     }
     free(w);
     return status;
@@ -762,8 +756,8 @@ BNCY_INLINE void FN(plane_normalize_impl)(const T *xp, int64_t sxi, T *yp, int64
 /* Whether an elementwise pass over this shape streams its output (bn_stream.h): outputs of at
    least bncy_stream_min_bytes(), for the dtypes and ISAs that have streaming stores. */
 BNCY_INLINE int FN(streams)(bncy_shape sh) {
-    return BNCY_T_STREAMS &&
-           (double)sh.outer * (double)sh.inner * (double)sh.chan * sizeof(T) >= bncy_stream_min_bytes();
+    return BNCY_T_STREAMS && (double)sh.outer * (double)sh.inner * (double)sh.chan * sizeof(T) >=
+                                 bncy_stream_min_bytes();
 }
 
 /* Whether flat rows of this shape keep one alignment from row to row (chan * sizeof(T) a
@@ -853,6 +847,15 @@ BNCY_INLINE void FN(plane_range)(int64_t u, int64_t nb, bncy_shape sh, int64_t *
     }
 }
 
+/* One run of n positions of a plane (unit: unit inner strides, the only case that streams). */
+BNCY_INLINE void FN(plane_normalize_one)(const T *xp, bncy_strides xs, T *yp, bncy_strides ys,
+                                         int64_t n, CT hi, CT a, CT b, int unit, int stream) {
+    if (unit)
+        FN(plane_normalize_impl)(xp, 1, yp, 1, n, hi, a, b, stream);
+    else
+        FN(plane_normalize_impl)(xp, xs.inner, yp, ys.inner, n, hi, a, b, 0);
+}
+
 static BNCY_NOINLINE void FN(plane_normalize_unit)(const T *x, bncy_strides xs, T *y,
                                                    bncy_strides ys, bncy_shape sh, const CT *hi,
                                                    const CT *a, const CT *b, int64_t u,
@@ -863,10 +866,7 @@ static BNCY_NOINLINE void FN(plane_normalize_unit)(const T *x, bncy_strides xs, 
         const int64_t c = q % sh.chan, o = q / sh.chan;
         const T *xp = x + o * xs.outer + c * xs.chan + i0 * xs.inner;
         T *yp = y + o * ys.outer + c * ys.chan + i0 * ys.inner;
-        if (unit)
-            FN(plane_normalize_impl)(xp, 1, yp, 1, n, hi[c], a[c], b[c], stream);
-        else
-            FN(plane_normalize_impl)(xp, xs.inner, yp, ys.inner, n, hi[c], a[c], b[c], 0);
+        FN(plane_normalize_one)(xp, xs, yp, ys, n, hi[c], a[c], b[c], unit, stream);
     }
     if (unit && stream) BNCY_STREAM_FENCE();
 }
@@ -931,7 +931,7 @@ static int FN(affine_normalize)(const T *x, bncy_strides xs, T *y, bncy_strides 
     if (C == 0) return BNCY_OK;
     scale = (double *)malloc((size_t)C * sizeof(double));
     if (!scale) return BNCY_ERR_NOMEM;
-    for (c = 0; c < C; c++) scale[c] = (gamma ? gamma[c] : 1.0) / sqrt(var[c] + eps);
+    for (c = 0; c < C; c++) scale[c] = bncy_affine_scale(gamma, c, var[c], eps);
     status = FN(bncy_normalize)(x, xs, y, ys, sh, mean, scale, beta, n_threads);
     free(scale);
     return status;
@@ -976,7 +976,6 @@ static int64_t FN(fused_cblock)(bncy_shape sh, bncy_strides xs, int n_in, int n_
     return cb;
 }
 
-
 /* Training forward of channels [c0, c0 + nc): the statistics of bncy_moments (the planes units
    of stats_unit restricted to these channels, merged by merge_groups in group order; part holds
    3 * G * nc doubles), then the constants of affine_normalize and plane_normalize_unit's
@@ -1003,26 +1002,15 @@ static BNCY_NOINLINE void FN(train_fused_unit)(const T *x, bncy_strides xs, T *y
     }
     FN(merge_groups)(part, G, nc, w, mean + c0, var + c0);
     for (c = 0; c < nc; c++) {
-        double *m = mean + c0 + c, *v = var + c0 + c;
-        if (w[c] > 0.0) {
-            *v /= w[c];
-        } else {
-            *m = *v = NAN;
-        }
-        scale[c] = (gamma ? gamma[c0 + c] : 1.0) / sqrt(*v + eps);
+        bncy_finish_moments(w[c], &mean[c0 + c], &var[c0 + c]);
+        scale[c] = bncy_affine_scale(gamma, c0 + c, var[c0 + c], eps);
     }
     FN(make_consts)(hi, a, b, nc, mean + c0, scale, beta ? beta + c0 : NULL);
-    for (o = 0; o < sh.outer; o++) {
-        for (c = 0; c < nc; c++) {
-            const T *xp = x + o * xs.outer + (c0 + c) * xs.chan;
-            T *yp = y + o * ys.outer + (c0 + c) * ys.chan;
-            if (unit)
-                FN(plane_normalize_impl)(xp, 1, yp, 1, sh.inner, hi[c], a[c], b[c], stream);
-            else
-                FN(plane_normalize_impl)(xp, xs.inner, yp, ys.inner, sh.inner, hi[c], a[c], b[c],
-                                         0);
-        }
-    }
+    for (o = 0; o < sh.outer; o++)
+        for (c = 0; c < nc; c++)
+            FN(plane_normalize_one)(x + o * xs.outer + (c0 + c) * xs.chan, xs,
+                                    y + o * ys.outer + (c0 + c) * ys.chan, ys, sh.inner, hi[c],
+                                    a[c], b[c], unit, stream);
     if (unit && stream) BNCY_STREAM_FENCE();
 }
 
@@ -1562,13 +1550,14 @@ int FN(bncy_grad_input)(const T *dy, bncy_strides dys, const T *x, bncy_strides 
    channel's sums are those of grad_sums: the same groups of positions, each summed by the same
    function and added in group order; the constants and the elementwise dx are those of
    bncy_grad_input. So the results are bitwise those of the two passes. */
-static BNCY_NOINLINE void FN(fused_unit)(const T *dy, bncy_strides dys, const T *x,
-                                         bncy_strides xs, T *dx, bncy_strides dxs, bncy_shape sh,
-                                         const CT *mask, const double *mean, const double *var,
-                                         const double *gamma, double eps, int training,
-                                         double wtotal, const bncy_plan *plan, CT *arr,
-                                         int64_t c0, int64_t nc, double *dgamma, double *dbeta,
-                                         int stream) {
+static BNCY_NOINLINE void FN(backward_fused_unit)(const T *dy, bncy_strides dys, const T *x,
+                                                  bncy_strides xs, T *dx, bncy_strides dxs,
+                                                  bncy_shape sh, const CT *mask,
+                                                  const double *mean, const double *var,
+                                                  const double *gamma, double eps, int training,
+                                                  double wtotal, const bncy_plan *plan, CT *arr,
+                                                  int64_t c0, int64_t nc, double *dgamma,
+                                                  double *dbeta, int stream) {
     const int64_t C = sh.chan, G = plan->n_groups;
     const int unit = xs.inner == 1 && dys.inner == 1 && dxs.inner == 1;
     const FN(bncy_grad_consts) k = FN(grad_consts_view)(arr, C);
@@ -1586,7 +1575,7 @@ static BNCY_NOINLINE void FN(fused_unit)(const T *dy, bncy_strides dys, const T 
     }
     for (c = 0; c < nc; c++) {
         dbeta[c0 + c] = sdy[c];
-        dgamma[c0 + c] = sdyx[c] / sqrt(var[c0 + c] + eps);
+        dgamma[c0 + c] = bncy_dgamma(sdyx[c], var[c0 + c], eps);
         FN(grad_consts_chan)(arr, C, c0 + c, mean[c0 + c], var[c0 + c], gamma, eps, training,
                              wtotal, sdy[c], sdyx[c]);
     }
@@ -1600,11 +1589,10 @@ static BNCY_NOINLINE void FN(fused_unit)(const T *dy, bncy_strides dys, const T 
     if (stream) BNCY_STREAM_FENCE();
 }
 
-static int FN(planes_backward_fused)(const T *dy, bncy_strides dys, const T *x, bncy_strides xs,
-                                     T *dx, bncy_strides dxs, bncy_shape sh, const CT *mask,
-                                     const double *mean, const double *var, const double *gamma,
-                                     double eps, int training, double *dgamma, double *dbeta,
-                                     int64_t cb, int n_threads) {
+static int FN(backward_fused)(const T *dy, bncy_strides dys, const T *x, bncy_strides xs, T *dx,
+                             bncy_strides dxs, bncy_shape sh, const CT *mask, const double *mean,
+                             const double *var, const double *gamma, double eps, int training,
+                             double *dgamma, double *dbeta, int64_t cb, int n_threads) {
     const int64_t C = sh.chan, M = sh.outer * sh.inner, n_units = bncy_cdiv(C, cb);
     const bncy_plan plan = bncy_make_plan(sh, xs);
     const double wtotal = training ? FN(weight_total)(mask, M) : 0.0;
@@ -1614,8 +1602,9 @@ static int FN(planes_backward_fused)(const T *dy, bncy_strides dys, const T *x, 
     if (!arr) return BNCY_ERR_NOMEM;
     BNCY_PARALLEL_FOR(nt, u, n_units, {
         const int64_t c0 = u * cb;
-        FN(fused_unit)(dy, dys, x, xs, dx, dxs, sh, mask, mean, var, gamma, eps, training, wtotal,
-                       &plan, arr, c0, bncy_min64(cb, C - c0), dgamma, dbeta, stream);
+        FN(backward_fused_unit)(dy, dys, x, xs, dx, dxs, sh, mask, mean, var, gamma, eps,
+                                training, wtotal, &plan, arr, c0, bncy_min64(cb, C - c0), dgamma,
+                                dbeta, stream);
     });
     free(arr);
     return BNCY_OK;
@@ -1635,15 +1624,15 @@ int FN(bncy_batch_norm_backward)(const T *dy, bncy_strides dys, const T *x, bncy
     if (M > 0) {
         const int64_t cb = FN(fused_cblock)(sh, xs, 2, n_threads);
         if (cb > 0)
-            return FN(planes_backward_fused)(dy, dys, x, xs, dx, dxs, sh, mask, mean, var, gamma,
-                                             eps, training, dgamma, dbeta, cb, n_threads);
+            return FN(backward_fused)(dy, dys, x, xs, dx, dxs, sh, mask, mean, var, gamma, eps,
+                                      training, dgamma, dbeta, cb, n_threads);
     }
     sdyx = (double *)malloc((size_t)C * sizeof(double));
     if (!sdyx) return BNCY_ERR_NOMEM;
     status = FN(grad_sums)(dy, dys, x, xs, sh, mean, dbeta, sdyx, n_threads);
     if (status == BNCY_OK) {
         for (c = 0; c < C; c++) /* an empty sum is 0, even with NaN statistics */
-            dgamma[c] = M > 0 ? sdyx[c] / sqrt(var[c] + eps) : 0.0;
+            dgamma[c] = M > 0 ? bncy_dgamma(sdyx[c], var[c], eps) : 0.0;
         status = FN(bncy_grad_input)(dy, dys, x, xs, dx, dxs, sh, mask, mean, var, gamma, eps,
                                      training, training ? FN(weight_total)(mask, M) : 0.0, dbeta,
                                      sdyx, n_threads);
