@@ -118,8 +118,9 @@ PY
 step "pytest tests/ against the installed package"
 PYTHONPATH="$WORK/plugins" "$VPY" -m pytest tests -p _bn_cy_ci_guard -p no:cacheprovider -ra "$@"
 
-step "python -m bn_cy (the README's main command), quick"
-"$VPY" -m bn_cy --repeat 1
+step "bn-cy (the README's main command), quick, from the source tree's root"
+# from the root, as the README runs it: the installed script must not pick up the source bn_cy/
+(cd "$SRC" && "$WORK/venv-test/bin/bn-cy" --repeat 1)
 "$VPY" -m bn_cy demo > /dev/null
 
 if [[ "${BN_CY_CI_BENCH_SMOKE:-1}" != "0" && -d "$RUN/benchmarks" ]]; then
