@@ -222,12 +222,16 @@ static void FN(rows_stats_unit)(const T *x, bncy_strides xs, bncy_shape sh, cons
             for (p = 0; p < ns; p++) ws += mask ? wr[p] : 1.0;
             FN(rows_tile_sum)(s, xc, xs.chan, offs, mask ? wr : NULL, ns, nc);
             /* a sample of equal values gives that value itself, so that a constant channel
-               has deviations exactly 0 (weights or not); a non-finite mean is redone below */
+               has deviations exactly 0 (weights or not); a non-finite mean is redone below.
+               Without weights and with a single-precision compute type, the sum of up to 8
+               equal values v is exact (as 2v and 4v in the compute type, then in double), and
+               so is its quotient by ns: the sample mean is v itself, with no count needed. */
+            const int exact_sample = !mask && sizeof(CT) < sizeof(double);
             for (c = 0; c < nc; c++) {
                 mt[c] = LOAD(x0 + c * xs.chan);
-                differ[c] = (CT)0;
+                differ[c] = exact_sample ? (CT)1 : (CT)0; /* 1: take the sample mean */
             }
-            for (p = 1; p < ns; p++) {
+            for (p = 1; p < ns && !exact_sample; p++) {
                 const T *xp = xc + offs[p];
                 /* counts the sampled values unequal to the first (NaN is unequal to all) */
                 if (xs.chan == 1) {
@@ -798,12 +802,17 @@ static BNCY_NOINLINE void FN(rows_flat_normalize_unit)(const T *x, T *y, int64_t
             const T *BNCY_RESTRICT x2 = x1 + C, *BNCY_RESTRICT x3 = x2 + C;
             T *BNCY_RESTRICT y0 = yf + k0 + r * C, *BNCY_RESTRICT y1 = y0 + C;
             T *BNCY_RESTRICT y2 = y1 + C, *BNCY_RESTRICT y3 = y2 + C;
+            /* the four loads before the four stores: with rows of 4 KiB (and y at x's offset
+               in a page), a load of the next row after a store to this one would share its
+               low 12 address bits, and wait for the store (4K aliasing) */
             BNCY_IVDEP for (k = 0; k < C; k++) {
                 const CT h = hr[k], s = ar[k], t = br[k];
-                STORE(y0 + k, (LOAD(x0 + k) - h) * s + t);
-                STORE(y1 + k, (LOAD(x1 + k) - h) * s + t);
-                STORE(y2 + k, (LOAD(x2 + k) - h) * s + t);
-                STORE(y3 + k, (LOAD(x3 + k) - h) * s + t);
+                const CT v0 = LOAD(x0 + k), v1 = LOAD(x1 + k);
+                const CT v2 = LOAD(x2 + k), v3 = LOAD(x3 + k);
+                STORE(y0 + k, (v0 - h) * s + t);
+                STORE(y1 + k, (v1 - h) * s + t);
+                STORE(y2 + k, (v2 - h) * s + t);
+                STORE(y3 + k, (v3 - h) * s + t);
             }
         }
     }

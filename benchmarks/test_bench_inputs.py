@@ -1,0 +1,29 @@
+"""The benchmark inputs themselves: where the big arrays sit in memory (report.PAGE_OFFSETS)."""
+
+import numpy as np
+import pytest
+
+import report as bench
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("offset", sorted(bench.PAGE_OFFSETS.values()))
+def test_placed_empty(dtype, offset):
+    a = bench.placed_empty((3, 5, 7), dtype, offset)
+    assert a.shape == (3, 5, 7) and a.dtype == np.dtype(dtype)
+    assert a.flags.c_contiguous and a.flags.writeable
+    assert a.ctypes.data % 4096 == offset
+    a[...] = 1.0  # the whole array lies inside its buffer
+    assert a.sum() == a.size
+
+
+def test_inputs_are_placed_apart():
+    data = bench.Inputs(bench.CASES[0], "float32")
+    try:
+        offsets = {name: getattr(data, name).ctypes.data % 4096 for name in ("x", "dy", "out")}
+        assert offsets == bench.PAGE_OFFSETS
+        assert len(set(offsets.values())) == 3
+        assert not data.out.any()
+        assert abs(float(data.x.mean()) - 0.5) < 0.05  # x = 0.5 + 2 N(0, 1)
+    finally:
+        data.close()
