@@ -880,6 +880,67 @@ static BNCY_NOINLINE void FN(plane_normalize_unit)(const T *x, bncy_strides xs, 
     if (unit && stream) BNCY_STREAM_FENCE();
 }
 
+/* Lanes of one aligned vector store: the elements of BNCY_ALIGN bytes. */
+#define BNCY_VLANES ((int64_t)(BNCY_ALIGN / sizeof(T)))
+
+/* Whether the planes of x and y follow each other in memory (unit inner strides, each plane
+   inner elements after the last) and are at least one vector long: then a run of whole planes is
+   one flat array, walked by plane_flat_normalize_unit. */
+BNCY_INLINE int FN(planes_flat)(bncy_shape sh, bncy_strides xs, bncy_strides ys) {
+    const int64_t L = sh.inner, CL = sh.chan * sh.inner;
+    return xs.inner == 1 && ys.inner == 1 && xs.chan == L && ys.chan == L &&
+           (sh.outer == 1 || (xs.outer == CL && ys.outer == CL)) && L >= BNCY_VLANES;
+}
+
+/* Planes [q0, q1) (q = o * chan + c) of arrays with planes_flat, as one flat run of elements
+   whose vector stores all start at aligned addresses (like rows_flat_normalize_unit for rows):
+   the first elements up to an aligned output address, then whole aligned vectors, each within
+   one plane except the one that straddles two planes, whose lanes take the constants of their
+   own plane. Every element gets the arithmetic of plane_normalize_impl with its plane's
+   constants, so the results are the same. */
+static BNCY_NOINLINE void FN(plane_flat_normalize_unit)(const T *x, T *y, bncy_shape sh,
+                                                        const CT *BNCY_RESTRICT hi,
+                                                        const CT *BNCY_RESTRICT a,
+                                                        const CT *BNCY_RESTRICT b, int64_t u,
+                                                        int64_t nb) {
+    const int64_t L = sh.inner, C = sh.chan, V = BNCY_VLANES;
+    int64_t q0, q1, i0, len, i, j, q, c;
+    const T *BNCY_RESTRICT xf;
+    T *BNCY_RESTRICT yf;
+    int64_t n;
+    FN(plane_range)(u, nb, sh, &q0, &q1, &i0, &len);
+    xf = x + q0 * L;
+    yf = y + q0 * L;
+    n = (q1 - q0) * L;
+    i = bncy_peel(yf, (int64_t)sizeof(T), n); /* < V <= L: all in the first plane */
+    c = q0 % C;
+    for (j = 0; j < i; j++) STORE(yf + j, (LOAD(xf + j) - hi[c]) * a[c] + b[c]);
+    for (q = 0; i + V <= n; q++) {
+        const int64_t end = (q + 1) * L; /* the end of plane q of the run */
+        const int64_t vend = i + (end - i) / V * V;
+        const CT h = hi[c], s = a[c], t = b[c];
+        BNCY_IVDEP for (j = i; j < vend; j++) STORE(yf + j, (LOAD(xf + j) - h) * s + t);
+        i = vend;
+        c = c + 1 == C ? 0 : c + 1; /* the channel of plane q + 1 */
+        if (i < end) { /* a vector over the last r elements of plane q and the next plane's */
+            const int64_t r = end - i;
+            const CT h1 = hi[c], s1 = a[c], t1 = b[c];
+            int64_t l;
+            if (i + V > n) break; /* no next plane: the last elements, below */
+            BNCY_LANE_LOOP for (l = 0; l < V; l++) {
+                const int first = l < r;
+                STORE(yf + i + l,
+                      (LOAD(xf + i + l) - (first ? h : h1)) * (first ? s : s1) + (first ? t : t1));
+            }
+            i += V;
+        }
+    }
+    for (; i < n; i++) { /* fewer than V elements at the end of the run */
+        c = (q0 + i / L) % C;
+        STORE(yf + i, (LOAD(xf + i) - hi[c]) * a[c] + b[c]);
+    }
+}
+
 int FN(bncy_normalize)(const T *x, bncy_strides xs, T *y, bncy_strides ys, bncy_shape sh,
                        const double *mean, const double *scale, const double *shift,
                        int n_threads) {
@@ -920,9 +981,14 @@ int FN(bncy_normalize)(const T *x, bncy_strides xs, T *y, bncy_strides ys, bncy_
         /* units: (o, c, block of the inner dim), or runs of whole planes */
         const int64_t nb = bncy_plane_blocks(sh), n_units = bncy_plane_units(sh, nb);
         const int unit = xs.inner == 1 && ys.inner == 1;
-        BNCY_PARALLEL_FOR(nt, u, n_units, {
-            FN(plane_normalize_unit)(x, xs, y, ys, sh, hi, a, b, u, nb, unit, stream);
-        });
+        if (nb < 0 && !stream && FN(planes_flat)(sh, xs, ys)) { /* runs of short planes */
+            BNCY_PARALLEL_FOR(nt, u, n_units,
+                              { FN(plane_flat_normalize_unit)(x, y, sh, hi, a, b, u, nb); });
+        } else {
+            BNCY_PARALLEL_FOR(nt, u, n_units, {
+                FN(plane_normalize_unit)(x, xs, y, ys, sh, hi, a, b, u, nb, unit, stream);
+            });
+        }
     }
     free(hi);
     return BNCY_OK;

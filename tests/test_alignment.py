@@ -1,5 +1,6 @@
 """The elementwise passes start their vector loops at an aligned output element (a peel, and for
-contiguous rows a walk shifted by the peel with rotated per-channel constants), and write outputs
+contiguous rows a walk shifted by the peel with rotated per-channel constants, and for short planes
+back to back one flat walk whose vectors may straddle two planes), and write outputs
 beyond the caches with streaming stores. Whatever the offset of the input and output buffers,
 and whether the output was streamed, the results must be bitwise those of aligned buffers, and
 match the float64 oracle."""
@@ -20,6 +21,10 @@ CASES = [
     ((50, 24), -1),        # rows not a whole number of lines: no shifted walk
     ((3, 5, 300), 1),      # planes longer than the peel threshold
     ((2, 3, 1000), 1),
+    ((5, 7, 48), 1),       # short planes back to back: one flat run, vectors straddling planes
+    ((4, 3, 16), 1),       # planes of one float32 vector
+    ((3, 6, 37), 1),       # planes not a whole number of vectors
+    ((2, 3, 12), 1),       # planes shorter than a float32 vector: per plane
 ]
 
 
@@ -102,3 +107,25 @@ def test_streamed_outputs_are_bitwise_the_same():
     assert len(lines) == len(here)
     for (name, shape), line in zip(here, lines):
         assert line == "%s %s %s" % (name, shape, here[name, shape]), line
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("shape", [(5, 7, 48), (3, 6, 37), (1, 4, 16), (2, 300, 20), (6, 2, 9)])
+@pytest.mark.parametrize("kx,ky", [(0, 0), (0, 5), (3, 1), (1, 7)])
+def test_flat_short_planes_match_the_per_plane_walk(dtype, shape, kx, ky):
+    """Short planes back to back are normalized as one flat run; an output whose planes do not
+    follow each other (a view into a wider array) takes the per-plane walk: same bytes."""
+    rng = np.random.default_rng(5)
+    x = at_offset((3.0 + rng.standard_normal(shape)).astype(dtype), kx)
+    c = shape[1]
+    gamma, beta = rng.uniform(0.5, 2.0, c), rng.standard_normal(c)
+    mean, var = rng.standard_normal(c), rng.uniform(0.5, 2.0, c)
+    y = at_offset(np.zeros(shape, dtype), ky)
+    bn_cy.batch_norm(x, mean, var, gamma, beta, axis=1, out=y)
+    wide = np.zeros(shape[:2] + (shape[2] + 3,), dtype)
+    y_planes = wide[:, :, 1 : 1 + shape[2]]
+    bn_cy.batch_norm(x, mean, var, gamma, beta, axis=1, out=y_planes)
+    assert y.tobytes() == np.ascontiguousarray(y_planes).tobytes()
+    ref = ref_batch_norm(x.astype(np.float64), mean, var, gamma, beta, axis=1, eps=1e-3)
+    tol = {np.float16: 2e-3, np.float32: 2e-6, np.float64: 1e-14}[dtype]
+    assert np.max(np.abs(y.astype(np.float64) - ref) / (1 + np.abs(ref))) <= tol
