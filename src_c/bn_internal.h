@@ -185,6 +185,21 @@ static inline bncy_plan bncy_make_plan(bncy_shape sh, bncy_strides xs) {
     } while (0)
 #endif
 
+/* The same loop split into contiguous ranges of units, one per thread (thread t takes units
+   [n t / nt, n (t + 1) / nt)), each walked from its last unit to its first. After a pass over
+   the same rows split the same way (the statistics, the backward sums), the rows a thread read
+   last are still in its cache, so taking them first reads part of the data from there. The
+   body sees its own (private) u. */
+#define BNCY_PARALLEL_FOR_TAIL_FIRST(nt, n, ...)                                         \
+    do {                                                                                \
+        int bncy_t_;                                                                    \
+        BNCY_PARALLEL_FOR(nt, bncy_t_, nt, {                                            \
+            const int64_t bncy_lo_ = (int64_t)(n) * bncy_t_ / (nt);                     \
+            int64_t u = (int64_t)(n) * (bncy_t_ + 1) / (nt);                            \
+            while (u-- > bncy_lo_) __VA_ARGS__                                          \
+        });                                                                             \
+    } while (0)
+
 /* The planes elementwise passes: units of (o, c, block of BNCY_ELEM_BLOCK along the inner dim),
    or, for inner dims shorter than half a block, runs of whole (o, c) planes. Returns the blocks
    per plane (> 0), or minus the planes per unit (< 0). */

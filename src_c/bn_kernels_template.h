@@ -965,7 +965,7 @@ int FN(bncy_normalize)(const T *x, bncy_strides xs, T *y, bncy_strides ys, bncy_
         FN(rotate_consts)(hr, hi, C, k0);
         FN(rotate_consts)(ar, a, C, k0);
         FN(rotate_consts)(br, b, C, k0);
-        BNCY_PARALLEL_FOR(nt, u, n_units, {
+        BNCY_PARALLEL_FOR_TAIL_FIRST(nt, n_units, {
             const int64_t p0 = u * rows;
             FN(rows_flat_normalize_unit)(x, y, C, k0, hi, a, b, hr, ar, br, p0,
                                          bncy_min64(M, p0 + rows), flat_stream);
@@ -973,7 +973,7 @@ int FN(bncy_normalize)(const T *x, bncy_strides xs, T *y, bncy_strides ys, bncy_
     } else if (bncy_choose_family(sh, xs) == BNCY_ROWS) {
         const int64_t rows = bncy_max64(1, BNCY_ELEM_BLOCK / C), n_units = bncy_cdiv(M, rows);
         const int unit = xs.chan == 1 && ys.chan == 1;
-        BNCY_PARALLEL_FOR(nt, u, n_units, {
+        BNCY_PARALLEL_FOR_TAIL_FIRST(nt, n_units, {
             const int64_t p0 = u * rows;
             FN(rows_normalize_unit)(x, xs, y, ys, sh, hi, a, b, p0, bncy_min64(M, p0 + rows), unit);
         });
@@ -1522,7 +1522,7 @@ static void FN(dx_pass)(const T *dy, bncy_strides dys, const T *x, bncy_strides 
             kr.K = rot + 2 * C;
             kr.inv = rot + 3 * C;
             kr.hi = rot + 4 * C;
-            BNCY_PARALLEL_FOR(nt, u, n_units, {
+            BNCY_PARALLEL_FOR_TAIL_FIRST(nt, n_units, {
                 const int64_t p0 = u * rows;
                 FN(rows_flat_dx_unit)(dy, x, dx, C, k0, &k, &kr, p0, bncy_min64(M, p0 + rows),
                                       training, flat_stream);
@@ -1534,7 +1534,7 @@ static void FN(dx_pass)(const T *dy, bncy_strides dys, const T *x, bncy_strides 
     if (family == BNCY_ROWS) {
         const int64_t rows = bncy_max64(1, BNCY_ELEM_BLOCK / C), n_units = bncy_cdiv(M, rows);
         const int unit = xs.chan == 1 && dys.chan == 1 && dxs.chan == 1;
-        BNCY_PARALLEL_FOR(nt, u, n_units, {
+        BNCY_PARALLEL_FOR_TAIL_FIRST(nt, n_units, {
             const int64_t p0 = u * rows;
             FN(rows_dx_unit)(dy, dys, x, xs, dx, dxs, sh, mask, &k, p0, bncy_min64(M, p0 + rows),
                              training, unit);
