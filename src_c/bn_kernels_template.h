@@ -1132,26 +1132,35 @@ int FN(bncy_batch_norm_train)(const T *x, bncy_strides xs, T *y, bncy_strides ys
  *   dx = A*dy                                 (inference)
  * with A = g*inv, B = g*inv*sum(dy)/W, K = g*inv^3*sum(dy*(x-mean))/W.
  * ------------------------------------------------------------------------------------------- */
-/* Four positions of backward pass 1, channels innermost (kept out of line; see row helpers). */
-static BNCY_NOINLINE void FN(quad_grad_sums)(const T *BNCY_RESTRICT d0p, const T *BNCY_RESTRICT d1p,
-                                             const T *BNCY_RESTRICT d2p, const T *BNCY_RESTRICT d3p,
-                                             const T *BNCY_RESTRICT x0p, const T *BNCY_RESTRICT x1p,
-                                             const T *BNCY_RESTRICT x2p, const T *BNCY_RESTRICT x3p,
-                                             const CT *BNCY_RESTRICT hi, int64_t nc,
-                                             double *BNCY_RESTRICT sdy,
-                                             double *BNCY_RESTRICT sdyx) {
+/* Eight positions of backward pass 1, channels innermost (kept out of line; see row helpers):
+   dr/xr hold the rows of dy and x. */
+static BNCY_NOINLINE void FN(oct_grad_sums)(const T *const *dr, const T *const *xr,
+                                            const CT *BNCY_RESTRICT hi, int64_t nc,
+                                            double *BNCY_RESTRICT sdy,
+                                            double *BNCY_RESTRICT sdyx) {
+    const T *BNCY_RESTRICT d0p = dr[0], *BNCY_RESTRICT d1p = dr[1], *BNCY_RESTRICT d2p = dr[2];
+    const T *BNCY_RESTRICT d3p = dr[3], *BNCY_RESTRICT d4p = dr[4], *BNCY_RESTRICT d5p = dr[5];
+    const T *BNCY_RESTRICT d6p = dr[6], *BNCY_RESTRICT d7p = dr[7];
+    const T *BNCY_RESTRICT x0p = xr[0], *BNCY_RESTRICT x1p = xr[1], *BNCY_RESTRICT x2p = xr[2];
+    const T *BNCY_RESTRICT x3p = xr[3], *BNCY_RESTRICT x4p = xr[4], *BNCY_RESTRICT x5p = xr[5];
+    const T *BNCY_RESTRICT x6p = xr[6], *BNCY_RESTRICT x7p = xr[7];
     int64_t c;
     BNCY_IVDEP for (c = 0; c < nc; c++) {
+        const CT h = hi[c];
         const CT g0 = LOAD(d0p + c), g1 = LOAD(d1p + c), g2 = LOAD(d2p + c), g3 = LOAD(d3p + c);
-        const CT e0 = LOAD(x0p + c) - hi[c], e1 = LOAD(x1p + c) - hi[c];
-        const CT e2 = LOAD(x2p + c) - hi[c], e3 = LOAD(x3p + c) - hi[c];
-        sdy[c] += (double)((g0 + g1) + (g2 + g3));
-        sdyx[c] += (double)((g0 * e0 + g1 * e1) + (g2 * e2 + g3 * e3));
+        const CT g4 = LOAD(d4p + c), g5 = LOAD(d5p + c), g6 = LOAD(d6p + c), g7 = LOAD(d7p + c);
+        const CT e0 = LOAD(x0p + c) - h, e1 = LOAD(x1p + c) - h;
+        const CT e2 = LOAD(x2p + c) - h, e3 = LOAD(x3p + c) - h;
+        const CT e4 = LOAD(x4p + c) - h, e5 = LOAD(x5p + c) - h;
+        const CT e6 = LOAD(x6p + c) - h, e7 = LOAD(x7p + c) - h;
+        sdy[c] += (double)(((g0 + g1) + (g2 + g3)) + ((g4 + g5) + (g6 + g7)));
+        sdyx[c] += (double)(((g0 * e0 + g1 * e1) + (g2 * e2 + g3 * e3)) +
+                            ((g4 * e4 + g5 * e5) + (g6 * e6 + g7 * e7)));
     }
 }
 
 /* Backward pass 1 sums: sdy = sum(dy), sdyx = sum(dy * (x - mean)). As in the statistics,
-   four positions are combined in the compute type, with the mean's high part hi subtracted
+   eight positions are combined in the compute type, with the mean's high part hi subtracted
    there, and added into double accumulators; the low part is applied at the end:
    sum(dy * (x - mean)) = sum(dy * (x - hi)) - (mean - hi) * sum(dy). */
 BNCY_INLINE void FN(rows_grad_sums_impl)(const T *dy, bncy_strides dys, const T *x,
@@ -1168,16 +1177,15 @@ BNCY_INLINE void FN(rows_grad_sums_impl)(const T *dy, bncy_strides dys, const T 
         hi[c] = (CT)mean[c0 + c];
     }
     if (unit_chan) {
-        for (; p + 4 <= p1; p += 4) {
-            const T *xr[4], *dr[4];
-            for (j = 0; j < 4; j++) {
+        for (; p + 8 <= p1; p += 8) {
+            const T *xr[8], *dr[8];
+            for (j = 0; j < 8; j++) {
                 xr[j] = x + qx.off + c0;
                 dr[j] = dy + qd.off + c0;
                 FN(pos_next)(&qx, sh, xs);
                 FN(pos_next)(&qd, sh, dys);
             }
-            FN(quad_grad_sums)(dr[0], dr[1], dr[2], dr[3], xr[0], xr[1], xr[2], xr[3], hi, nc,
-                               sdy, sdyx);
+            FN(oct_grad_sums)(dr, xr, hi, nc, sdy, sdyx);
         }
     }
     for (; p < p1; p++) {
