@@ -1426,7 +1426,40 @@ BNCY_INLINE void FN(rows_flat_dx_impl)(const T *dy, const T *x, T *dx, int64_t C
     for (j = 0; j < k0; j++)
         STORE(of + j, FN(dx_value)(LOAD(df + j), training ? LOAD(xf + j) : (CT)0, (CT)1, j, k,
                                    training, 0));
-    for (r = 0; r < rows; r++) {
+    r = 0;
+    if (!stream) { /* four whole rows at a time: each constant loaded once for four values */
+        const CT *BNCY_RESTRICT A = kr.A, *BNCY_RESTRICT B = kr.B, *BNCY_RESTRICT K = kr.K;
+        const CT *BNCY_RESTRICT inv = kr.inv, *BNCY_RESTRICT hi = kr.hi;
+        for (; r + 4 < rows || (k0 == 0 && r + 4 <= rows); r += 4) {
+            const T *BNCY_RESTRICT d0 = df + k0 + r * C, *BNCY_RESTRICT d1 = d0 + C;
+            const T *BNCY_RESTRICT d2 = d1 + C, *BNCY_RESTRICT d3 = d2 + C;
+            const T *BNCY_RESTRICT x0 = xf + k0 + r * C, *BNCY_RESTRICT x1 = x0 + C;
+            const T *BNCY_RESTRICT x2 = x1 + C, *BNCY_RESTRICT x3 = x2 + C;
+            T *BNCY_RESTRICT o0 = of + k0 + r * C, *BNCY_RESTRICT o1 = o0 + C;
+            T *BNCY_RESTRICT o2 = o1 + C, *BNCY_RESTRICT o3 = o2 + C;
+            /* dx_value's arithmetic; every load before the stores (4K aliasing, as in
+               rows_flat_normalize_unit) */
+            BNCY_IVDEP for (j = 0; j < C; j++) {
+                const CT a = A[j];
+                const CT g0 = LOAD(d0 + j), g1 = LOAD(d1 + j), g2 = LOAD(d2 + j), g3 = LOAD(d3 + j);
+                if (training) {
+                    const CT b = B[j], kk = K[j], iv = inv[j], h = hi[j];
+                    const CT v0 = LOAD(x0 + j), v1 = LOAD(x1 + j);
+                    const CT v2 = LOAD(x2 + j), v3 = LOAD(x3 + j);
+                    STORE(o0 + j, a * g0 - (b + ((v0 - h) * iv) * kk));
+                    STORE(o1 + j, a * g1 - (b + ((v1 - h) * iv) * kk));
+                    STORE(o2 + j, a * g2 - (b + ((v2 - h) * iv) * kk));
+                    STORE(o3 + j, a * g3 - (b + ((v3 - h) * iv) * kk));
+                } else {
+                    STORE(o0 + j, a * g0);
+                    STORE(o1 + j, a * g1);
+                    STORE(o2 + j, a * g2);
+                    STORE(o3 + j, a * g3);
+                }
+            }
+        }
+    }
+    for (; r < rows; r++) {
         const T *BNCY_RESTRICT dr = df + k0 + r * C;
         const T *BNCY_RESTRICT xr = xf + k0 + r * C;
         T *BNCY_RESTRICT orow = of + k0 + r * C;
