@@ -1611,15 +1611,16 @@ int FN(bncy_grad_sums)(const T *dy, bncy_strides dys, const T *x, bncy_strides x
 /* The dx constants of channel c into arr = [A | B | K | inv | hi], each of length C. */
 BNCY_INLINE void FN(grad_consts_chan)(CT *arr, int64_t C, int64_t c, double mean, double var,
                                       const double *gamma, double eps, int training,
-                                      double wtotal, double sdy, double sdyx) {
+                                      double rw, double sdy, double sdyx) {
     const double inv = 1.0 / sqrt(var + eps);
     const double g = gamma ? gamma[c] : 1.0;
     const CT hi = (CT)mean;
     const double lo = mean - (double)hi;
-    /* dx = A dy - B - xhat K with xhat = (x - mean) inv and K = g inv (inv sdyx) / W;
+    /* dx = A dy - B - xhat K with xhat = (x - mean) inv and K = g inv (inv sdyx) / W, rw = 1/W
+       (a product, not a division per channel: the divisions dominate at many channels);
        inv * (inv * sdyx): no underflow of inv^2 for huge variances */
-    const double kk = training ? g * inv * (inv * sdyx) / wtotal : 0.0;
-    const double bb = training ? g * inv * sdy / wtotal : 0.0;
+    const double kk = training ? g * inv * (inv * sdyx) * rw : 0.0;
+    const double bb = training ? g * inv * sdy * rw : 0.0;
     arr[c] = (CT)(g * inv);
     /* (x - mean) inv K = (x - hi) inv K - lo inv K: the lo part is folded into B in double */
     arr[C + c] = (CT)(bb - (lo != 0.0 ? lo * inv * kk : 0.0));
@@ -1653,8 +1654,8 @@ int FN(bncy_grad_input)(const T *dy, bncy_strides dys, const T *x, bncy_strides 
     arr = (CT *)malloc((size_t)(5 * C) * sizeof(CT));
     if (!arr) return BNCY_ERR_NOMEM;
     for (c = 0; c < C; c++)
-        FN(grad_consts_chan)(arr, C, c, mean[c], var[c], gamma, eps, training, wtotal, sdy[c],
-                             sdyx[c]);
+        FN(grad_consts_chan)(arr, C, c, mean[c], var[c], gamma, eps, training, 1.0 / wtotal,
+                             sdy[c], sdyx[c]);
     k = FN(grad_consts_view)(arr, C);
     FN(dx_pass)(dy, dys, x, xs, dx, dxs, sh, mask, k, training, n_threads);
     free(arr);
@@ -1693,7 +1694,7 @@ static BNCY_NOINLINE void FN(backward_fused_unit)(const T *dy, bncy_strides dys,
         dbeta[c0 + c] = sdy[c];
         dgamma[c0 + c] = bncy_dgamma(sdyx[c], var[c0 + c], eps);
         FN(grad_consts_chan)(arr, C, c0 + c, mean[c0 + c], var[c0 + c], gamma, eps, training,
-                             wtotal, sdy[c], sdyx[c]);
+                             1.0 / wtotal, sdy[c], sdyx[c]);
     }
     for (o = 0; o < sh.outer; o++) {
         for (c = c0; c < c0 + nc; c++)
