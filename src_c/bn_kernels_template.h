@@ -196,7 +196,12 @@ static void FN(rows_stats_unit)(const T *x, bncy_strides xs, bncy_shape sh, cons
         double wt = 0.0;
         int64_t nr = 0;
         /* the tile's rows; masked-out rows are left out (not even a NaN there counts) */
-        for (p = t0; p < t1; p++, FN(pos_next)(&q, sh, xs)) {
+        p = t0;
+        if (!mask && sh.inner == 1) { /* one row per outer index: offsets o * outer stride */
+            for (; p < t1; p++) offs[p - t0] = p * xs.outer;
+            nr = t1 - t0;
+        }
+        for (; p < t1; p++, FN(pos_next)(&q, sh, xs)) {
             if (mask) {
                 const double w = (double)mask[p];
                 if (w == 0.0) continue;
@@ -209,7 +214,8 @@ static void FN(rows_stats_unit)(const T *x, bncy_strides xs, bncy_shape sh, cons
         if (nr == 0 || wt == 0.0) continue;
         lim_wt = 0.8 * wt;
         /* One pass: deviations from a shift -- the group's mean so far, or for its first tile
-           the mean of its first rows -- summed as single-precision quads into double.
+           the mean of its first rows -- summed in single precision by blocks of rows into
+           double.
            The shift is exact-ish (and exact for a constant channel, whose deviations are 0);
            where it is too far from the tile mean for the centered sums to keep their digits
            (|sum d|^2 / W > 0.8 sum d^2, i.e. the shift more than 2 std away: at most ~2.3 bits
@@ -242,8 +248,14 @@ static void FN(rows_stats_unit)(const T *x, bncy_strides xs, bncy_shape sh, cons
                         differ[c] += LOAD(xp + c * xs.chan) != mt[c] ? (CT)1 : (CT)0;
                 }
             }
-            for (c = 0; c < nc; c++)
-                if (differ[c] != (CT)0) mt[c] = (CT)(s[c] / ws);
+            if (exact_sample && (ns & (ns - 1)) == 0) {
+                /* ws = ns a power of two: s * (1 / ws) is s / ws exactly, and vectorizes */
+                const double rws = 1.0 / ws;
+                BNCY_IVDEP for (c = 0; c < nc; c++) mt[c] = (CT)(s[c] * rws);
+            } else {
+                for (c = 0; c < nc; c++)
+                    if (differ[c] != (CT)0) mt[c] = (CT)(s[c] / ws);
+            }
         }
         FN(rows_tile_dev)(s1, s2, mt, xc, xs.chan, offs, mask ? wr : NULL, nr, nc, pf);
         /* a branch-free count of channels to redo (s2 - s2 is 0 unless s2 is Inf or NaN) */
