@@ -295,10 +295,8 @@ static inline double bncy_affine_scale(const double *gamma, int64_t c, double va
     return (gamma ? gamma[c] : 1.0) / sqrt(var + eps);
 }
 
-/* dgamma = sum(dy * xhat) = sum(dy * (x - mean)) / sqrt(var + eps). */
-static inline double bncy_dgamma(double sdyx, double var, double eps) {
-    return sdyx / sqrt(var + eps);
-}
+/* dgamma = sum(dy * xhat) = sum(dy * (x - mean)) / sd, sd = sqrt(var + eps). */
+static inline double bncy_dgamma(double sdyx, double sd) { return sdyx / sd; }
 
 /* ---- 16-bit floats ----------------------------------------------------------------------- */
 

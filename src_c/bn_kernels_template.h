@@ -1621,10 +1621,10 @@ int FN(bncy_grad_sums)(const T *dy, bncy_strides dys, const T *x, bncy_strides x
 }
 
 /* The dx constants of channel c into arr = [A | B | K | inv | hi], each of length C. */
-BNCY_INLINE void FN(grad_consts_chan)(CT *arr, int64_t C, int64_t c, double mean, double var,
-                                      const double *gamma, double eps, int training,
-                                      double rw, double sdy, double sdyx) {
-    const double inv = 1.0 / sqrt(var + eps);
+BNCY_INLINE void FN(grad_consts_chan)(CT *arr, int64_t C, int64_t c, double mean, double sd,
+                                      const double *gamma, int training, double rw, double sdy,
+                                      double sdyx) {
+    const double inv = 1.0 / sd; /* sd = sqrt(var + eps), shared with dgamma */
     const double g = gamma ? gamma[c] : 1.0;
     const CT hi = (CT)mean;
     const double lo = mean - (double)hi;
@@ -1666,8 +1666,8 @@ int FN(bncy_grad_input)(const T *dy, bncy_strides dys, const T *x, bncy_strides 
     arr = (CT *)malloc((size_t)(5 * C) * sizeof(CT));
     if (!arr) return BNCY_ERR_NOMEM;
     for (c = 0; c < C; c++)
-        FN(grad_consts_chan)(arr, C, c, mean[c], var[c], gamma, eps, training, 1.0 / wtotal,
-                             sdy[c], sdyx[c]);
+        FN(grad_consts_chan)(arr, C, c, mean[c], sqrt(var[c] + eps), gamma, training,
+                             1.0 / wtotal, sdy[c], sdyx[c]);
     k = FN(grad_consts_view)(arr, C);
     FN(dx_pass)(dy, dys, x, xs, dx, dxs, sh, mask, k, training, n_threads);
     free(arr);
@@ -1704,9 +1704,10 @@ static BNCY_NOINLINE void FN(backward_fused_unit)(const T *dy, bncy_strides dys,
     }
     for (c = 0; c < nc; c++) {
         dbeta[c0 + c] = sdy[c];
-        dgamma[c0 + c] = bncy_dgamma(sdyx[c], var[c0 + c], eps);
-        FN(grad_consts_chan)(arr, C, c0 + c, mean[c0 + c], var[c0 + c], gamma, eps, training,
-                             1.0 / wtotal, sdy[c], sdyx[c]);
+        const double sd = sqrt(var[c0 + c] + eps);
+        dgamma[c0 + c] = bncy_dgamma(sdyx[c], sd);
+        FN(grad_consts_chan)(arr, C, c0 + c, mean[c0 + c], sd, gamma, training, 1.0 / wtotal,
+                             sdy[c], sdyx[c]);
     }
     for (o = 0; o < sh.outer; o++) {
         for (c = c0; c < c0 + nc; c++)
@@ -1756,15 +1757,25 @@ int FN(bncy_batch_norm_backward)(const T *dy, bncy_strides dys, const T *x, bncy
             return FN(backward_fused)(dy, dys, x, xs, dx, dxs, sh, mask, mean, var, gamma, eps,
                                       training, dgamma, dbeta, cb, n_threads);
     }
-    sdyx = (double *)malloc((size_t)C * sizeof(double));
+    if (M == 0) { /* an empty sum is 0, even with NaN statistics */
+        for (c = 0; c < C; c++) dgamma[c] = dbeta[c] = 0.0;
+        return BNCY_OK;
+    }
+    /* sdyx, then the dx constants [A | B | K | inv | hi] (bncy_grad_input's, with the square
+       root of each channel shared with its dgamma) */
+    sdyx = (double *)malloc((size_t)C * sizeof(double) + (size_t)(5 * C) * sizeof(CT));
     if (!sdyx) return BNCY_ERR_NOMEM;
     status = FN(grad_sums)(dy, dys, x, xs, sh, mean, dbeta, sdyx, n_threads);
     if (status == BNCY_OK) {
-        for (c = 0; c < C; c++) /* an empty sum is 0, even with NaN statistics */
-            dgamma[c] = M > 0 ? bncy_dgamma(sdyx[c], var[c], eps) : 0.0;
-        status = FN(bncy_grad_input)(dy, dys, x, xs, dx, dxs, sh, mask, mean, var, gamma, eps,
-                                     training, training ? FN(weight_total)(mask, M) : 0.0, dbeta,
-                                     sdyx, n_threads);
+        CT *arr = (CT *)(sdyx + C);
+        const double rw = training ? 1.0 / FN(weight_total)(mask, M) : 0.0;
+        for (c = 0; c < C; c++) {
+            const double sd = sqrt(var[c] + eps);
+            dgamma[c] = bncy_dgamma(sdyx[c], sd);
+            FN(grad_consts_chan)(arr, C, c, mean[c], sd, gamma, training, rw, dbeta[c], sdyx[c]);
+        }
+        FN(dx_pass)(dy, dys, x, xs, dx, dxs, sh, mask, FN(grad_consts_view)(arr, C), training,
+                    n_threads);
     }
     free(sdyx);
     return status;
