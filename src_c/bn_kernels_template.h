@@ -1763,17 +1763,21 @@ int FN(bncy_batch_norm_backward)(const T *dy, bncy_strides dys, const T *x, bncy
     }
     /* sdyx, then the dx constants [A | B | K | inv | hi] (bncy_grad_input's, with the square
        root of each channel shared with its dgamma) */
-    sdyx = (double *)malloc((size_t)C * sizeof(double) + (size_t)(5 * C) * sizeof(CT));
+    sdyx = (double *)malloc((size_t)(2 * C) * sizeof(double) + (size_t)(5 * C) * sizeof(CT));
     if (!sdyx) return BNCY_ERR_NOMEM;
     status = FN(grad_sums)(dy, dys, x, xs, sh, mean, dbeta, sdyx, n_threads);
     if (status == BNCY_OK) {
-        CT *arr = (CT *)(sdyx + C);
+        double *BNCY_RESTRICT sd = sdyx + C;
+        CT *arr = (CT *)(sdyx + 2 * C);
         const double rw = training ? 1.0 / FN(weight_total)(mask, M) : 0.0;
-        for (c = 0; c < C; c++) {
-            const double sd = sqrt(var[c] + eps);
-            dgamma[c] = bncy_dgamma(sdyx[c], sd);
-            FN(grad_consts_chan)(arr, C, c, mean[c], sd, gamma, training, rw, dbeta[c], sdyx[c]);
+        /* two loops, each vectorized (one would not be: dgamma may alias the constants) */
+        BNCY_IVDEP for (c = 0; c < C; c++) {
+            sd[c] = sqrt(var[c] + eps);
+            dgamma[c] = bncy_dgamma(sdyx[c], sd[c]);
         }
+        for (c = 0; c < C; c++)
+            FN(grad_consts_chan)(arr, C, c, mean[c], sd[c], gamma, training, rw, dbeta[c],
+                                 sdyx[c]);
         FN(dx_pass)(dy, dys, x, xs, dx, dxs, sh, mask, FN(grad_consts_view)(arr, C), training,
                     n_threads);
     }
