@@ -217,12 +217,14 @@ def _version(name):
 
 
 # Where in a 4 KiB page the big arrays start. NumPy's own placement depends on the process's
-# allocation history (a 1 MB array comes from mmap at offset 16, or from the heap anywhere), and
-# two streams whose addresses agree in their low 12 bits slow each other down (4K aliasing: a load
-# waits for an earlier store that only looks like it overlaps). On this benchmark's first machine
-# that alone moved the copy floor of the 1 MB case by 2x between runs. So every run places x, dy
-# and the output at these fixed, distinct offsets, each 16 bytes past a cache line like numpy's
-# usual 16-byte alignment (no peer gets cache-line-aligned data it would not get from numpy).
+# allocation history (a 1 MB array comes from mmap at offset 16, or from the heap at any multiple
+# of 16), and the placement changes the speed of a pass: a vector copy that does not align its
+# stores splits lines unless the output is cache-line aligned, and two streams whose addresses
+# agree in their low 12 bits slow each other down (4K aliasing: a load waits for an earlier store
+# that only looks like it overlaps). On this benchmark's first machine the copy floor of the 1 MB
+# case moved by 2x between runs from that alone. So every run places x, dy and the output at
+# these fixed, distinct offsets, each 16 bytes past a cache line like numpy's usual 16-byte
+# alignment (no peer gets cache-line-aligned data it would not get from numpy).
 # `--aligned` takes cache-line-aligned offsets instead: a vector copy that does not align its
 # stores itself (PyTorch's, NumPy's) is faster there, so the floor is lower.
 PAGE_OFFSETS = {"x": 16, "dy": 1360, "out": 2704}
