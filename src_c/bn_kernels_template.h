@@ -1365,11 +1365,14 @@ typedef struct {
     const CT *A, *B, *K, *inv, *hi;
 } FN(bncy_grad_consts);
 
+/* The training term t = B + xhat K of dx = A dy - t, with xhat = (x - hi) inv. */
+BNCY_INLINE CT FN(dx_term)(CT v, CT b, CT kk, CT inv, CT hi) { return b + ((v - hi) * inv) * kk; }
+
 BNCY_INLINE CT FN(dx_value)(CT g, CT v, CT w, int64_t c, FN(bncy_grad_consts) k,
                             const int training, const int has_mask) {
     if (!training) return k.A[c] * g;
     {
-        const CT t = k.B[c] + ((v - k.hi[c]) * k.inv[c]) * k.K[c];
+        const CT t = FN(dx_term)(v, k.B[c], k.K[c], k.inv[c], k.hi[c]);
         /* a masked-out position (w = 0) is not in the statistics: dx = A dy exactly, even
            where its own t overflows (0 * Inf would be NaN) */
         return k.A[c] * g - (has_mask ? (w != (CT)0 ? w * t : (CT)0) : t);
@@ -1458,10 +1461,10 @@ BNCY_INLINE void FN(rows_flat_dx_impl)(const T *dy, const T *x, T *dx, int64_t C
                     const CT b = B[j], kk = K[j], iv = inv[j], h = hi[j];
                     const CT v0 = LOAD(x0 + j), v1 = LOAD(x1 + j);
                     const CT v2 = LOAD(x2 + j), v3 = LOAD(x3 + j);
-                    STORE(o0 + j, a * g0 - (b + ((v0 - h) * iv) * kk));
-                    STORE(o1 + j, a * g1 - (b + ((v1 - h) * iv) * kk));
-                    STORE(o2 + j, a * g2 - (b + ((v2 - h) * iv) * kk));
-                    STORE(o3 + j, a * g3 - (b + ((v3 - h) * iv) * kk));
+                    STORE(o0 + j, a * g0 - FN(dx_term)(v0, b, kk, iv, h));
+                    STORE(o1 + j, a * g1 - FN(dx_term)(v1, b, kk, iv, h));
+                    STORE(o2 + j, a * g2 - FN(dx_term)(v2, b, kk, iv, h));
+                    STORE(o3 + j, a * g3 - FN(dx_term)(v3, b, kk, iv, h));
                 } else {
                     STORE(o0 + j, a * g0);
                     STORE(o1 + j, a * g1);
@@ -1651,6 +1654,27 @@ BNCY_INLINE FN(bncy_grad_consts) FN(grad_consts_view)(const CT *arr, int64_t C) 
     return k;
 }
 
+/* Room for the per-channel sd = sqrt(var + eps) and the dx constants of consts_then_dx. */
+BNCY_INLINE size_t FN(grad_work_bytes)(int64_t C) {
+    return (size_t)C * sizeof(double) + (size_t)(5 * C) * sizeof(CT);
+}
+
+/* The dx constants [A | B | K | inv | hi] from sd (the first C doubles of work, filled by the
+   caller), into the rest of work, then the elementwise dx pass. rw = 1/W (training). */
+static void FN(consts_then_dx)(const T *dy, bncy_strides dys, const T *x, bncy_strides xs, T *dx,
+                               bncy_strides dxs, bncy_shape sh, const CT *mask,
+                               const double *mean, const double *gamma, int training, double rw,
+                               const double *sdy, const double *sdyx, double *work,
+                               int n_threads) {
+    const int64_t C = sh.chan;
+    CT *arr = (CT *)(work + C);
+    int64_t c;
+    for (c = 0; c < C; c++)
+        FN(grad_consts_chan)(arr, C, c, mean[c], work[c], gamma, training, rw, sdy[c], sdyx[c]);
+    FN(dx_pass)(dy, dys, x, xs, dx, dxs, sh, mask, FN(grad_consts_view)(arr, C), training,
+                n_threads);
+}
+
 /* Pass 2 of the backward: dx from the sums of pass 1 and the total weight W (training), or
    dx = dy * gamma / sqrt(var + eps) (inference; the sums and W are not used). */
 int FN(bncy_grad_input)(const T *dy, bncy_strides dys, const T *x, bncy_strides xs, T *dx,
@@ -1658,19 +1682,16 @@ int FN(bncy_grad_input)(const T *dy, bncy_strides dys, const T *x, bncy_strides 
                         const double *var, const double *gamma, double eps, int training,
                         double wtotal, const double *sdy, const double *sdyx, int n_threads) {
     const int64_t C = sh.chan, M = sh.outer * sh.inner;
-    CT *arr;
-    FN(bncy_grad_consts) k;
+    double *work;
     int64_t c;
     if (sh.outer < 0 || sh.chan < 0 || sh.inner < 0) return BNCY_ERR_ARG;
     if (C == 0 || M == 0) return BNCY_OK;
-    arr = (CT *)malloc((size_t)(5 * C) * sizeof(CT));
-    if (!arr) return BNCY_ERR_NOMEM;
-    for (c = 0; c < C; c++)
-        FN(grad_consts_chan)(arr, C, c, mean[c], sqrt(var[c] + eps), gamma, training,
-                             1.0 / wtotal, sdy[c], sdyx[c]);
-    k = FN(grad_consts_view)(arr, C);
-    FN(dx_pass)(dy, dys, x, xs, dx, dxs, sh, mask, k, training, n_threads);
-    free(arr);
+    work = (double *)malloc(FN(grad_work_bytes)(C));
+    if (!work) return BNCY_ERR_NOMEM;
+    for (c = 0; c < C; c++) work[c] = sqrt(var[c] + eps);
+    FN(consts_then_dx)(dy, dys, x, xs, dx, dxs, sh, mask, mean, gamma, training, 1.0 / wtotal,
+                       sdy, sdyx, work, n_threads);
+    free(work);
     return BNCY_OK;
 }
 
@@ -1761,25 +1782,20 @@ int FN(bncy_batch_norm_backward)(const T *dy, bncy_strides dys, const T *x, bncy
         for (c = 0; c < C; c++) dgamma[c] = dbeta[c] = 0.0;
         return BNCY_OK;
     }
-    /* sdyx, then the dx constants [A | B | K | inv | hi] (bncy_grad_input's, with the square
-       root of each channel shared with its dgamma) */
-    sdyx = (double *)malloc((size_t)(2 * C) * sizeof(double) + (size_t)(5 * C) * sizeof(CT));
+    /* sdyx, then bncy_grad_input's work (sd, the dx constants): each channel's square root
+       serves its dgamma and its constants */
+    sdyx = (double *)malloc((size_t)C * sizeof(double) + FN(grad_work_bytes)(C));
     if (!sdyx) return BNCY_ERR_NOMEM;
     status = FN(grad_sums)(dy, dys, x, xs, sh, mean, dbeta, sdyx, n_threads);
     if (status == BNCY_OK) {
         double *BNCY_RESTRICT sd = sdyx + C;
-        CT *arr = (CT *)(sdyx + 2 * C);
-        const double rw = training ? 1.0 / FN(weight_total)(mask, M) : 0.0;
-        /* two loops, each vectorized (one would not be: dgamma may alias the constants) */
         BNCY_IVDEP for (c = 0; c < C; c++) {
             sd[c] = sqrt(var[c] + eps);
             dgamma[c] = bncy_dgamma(sdyx[c], sd[c]);
         }
-        for (c = 0; c < C; c++)
-            FN(grad_consts_chan)(arr, C, c, mean[c], sd[c], gamma, training, rw, dbeta[c],
-                                 sdyx[c]);
-        FN(dx_pass)(dy, dys, x, xs, dx, dxs, sh, mask, FN(grad_consts_view)(arr, C), training,
-                    n_threads);
+        FN(consts_then_dx)(dy, dys, x, xs, dx, dxs, sh, mask, mean, gamma, training,
+                           training ? 1.0 / FN(weight_total)(mask, M) : 0.0, dbeta, sdyx, sd,
+                           n_threads);
     }
     free(sdyx);
     return status;
