@@ -200,6 +200,51 @@ static inline bncy_plan bncy_make_plan(bncy_shape sh, bncy_strides xs) {
         });                                                                             \
     } while (0)
 
+/* One parallel region for several passes, with the work split inside it (BNCY_TEAM_FOR,
+   BNCY_TEAM_TAIL_FIRST): a pass that needs the previous one complete follows a BNCY_TEAM_FOR,
+   which ends at a barrier. nt <= 1 runs the body once, serially, with no region. The splits are
+   those of BNCY_PARALLEL_FOR and BNCY_PARALLEL_FOR_TAIL_FIRST, over the team's actual size. */
+#if defined(_OPENMP)
+#define BNCY_OMP_PRAGMA(text) BNCY_OMP_PRAGMA_(text)
+#if defined(_MSC_VER)
+#define BNCY_OMP_PRAGMA_(text) __pragma(text)
+#else
+#define BNCY_OMP_PRAGMA_(text) _Pragma(#text)
+#endif
+#define BNCY_TEAM(nt, ...)                                              \
+    do {                                                                \
+        if ((nt) > 1) {                                                 \
+            BNCY_OMP_PRAGMA(omp parallel num_threads(nt)) { __VA_ARGS__ } \
+        } else {                                                        \
+            __VA_ARGS__                                                 \
+        }                                                               \
+    } while (0)
+/* a loop split statically over the team (or run whole outside a region), then a barrier */
+#define BNCY_TEAM_FOR(u, n, ...)                           \
+    BNCY_OMP_PRAGMA(omp for schedule(static))              \
+    for (u = 0; u < (n); u++) __VA_ARGS__
+#define bncy_team_rank() omp_get_thread_num()
+#define bncy_team_size() omp_get_num_threads()
+#else
+#define BNCY_TEAM(nt, ...) \
+    do {                   \
+        (void)(nt);        \
+        __VA_ARGS__        \
+    } while (0)
+#define BNCY_TEAM_FOR(u, n, ...) for (u = 0; u < (n); u++) __VA_ARGS__
+#define bncy_team_rank() 0
+#define bncy_team_size() 1
+#endif
+
+/* BNCY_PARALLEL_FOR_TAIL_FIRST's walk of units [0, n) inside a BNCY_TEAM (no barrier after). */
+#define BNCY_TEAM_TAIL_FIRST(n, ...)                                            \
+    do {                                                                        \
+        const int64_t bncy_r_ = bncy_team_rank(), bncy_s_ = bncy_team_size();   \
+        const int64_t bncy_lo_ = (int64_t)(n) * bncy_r_ / bncy_s_;              \
+        int64_t u = (int64_t)(n) * (bncy_r_ + 1) / bncy_s_;                     \
+        while (u-- > bncy_lo_) __VA_ARGS__                                      \
+    } while (0)
+
 /* The planes elementwise passes: units of (o, c, block of BNCY_ELEM_BLOCK along the inner dim),
    or, for inner dims shorter than half a block, runs of whole (o, c) planes. Returns the blocks
    per plane (> 0), or minus the planes per unit (< 0). */

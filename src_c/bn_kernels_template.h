@@ -1326,13 +1326,30 @@ static BNCY_NOINLINE void FN(grad_sums_unit)(const T *dy, bncy_strides dys, cons
     }
 }
 
+/* Channels [c0, c1) of the sums from the G x C group partials part = [sum dy | sum dy*(x-mean)]
+   of grad_sums_unit: each channel's groups added in order (the channel loop innermost, so it
+   vectorizes). */
+BNCY_INLINE void FN(grad_sums_merge)(const double *part, int64_t G, int64_t C, int64_t c0,
+                                     int64_t c1, double *BNCY_RESTRICT sdy,
+                                     double *BNCY_RESTRICT sdyx) {
+    int64_t c, g;
+    for (c = c0; c < c1; c++) sdy[c] = sdyx[c] = 0.0;
+    for (g = 0; g < G; g++) {
+        const double *BNCY_RESTRICT pa = part + g * C, *BNCY_RESTRICT pb = part + (G + g) * C;
+        BNCY_IVDEP for (c = c0; c < c1; c++) {
+            sdy[c] += pa[c];
+            sdyx[c] += pb[c];
+        }
+    }
+}
+
 static int FN(grad_sums)(const T *dy, bncy_strides dys, const T *x, bncy_strides xs,
                          bncy_shape sh, const double *mean, double *sdy, double *sdyx,
                          int n_threads) {
     const int64_t C = sh.chan;
     bncy_plan plan;
     double *part;
-    int64_t G, u, c, g;
+    int64_t G, u, c;
     int nt;
     if (sh.outer == 0 || sh.inner == 0) {
         for (c = 0; c < C; c++) sdy[c] = sdyx[c] = 0.0;
@@ -1345,15 +1362,7 @@ static int FN(grad_sums)(const T *dy, bncy_strides dys, const T *x, bncy_strides
     nt = bncy_threads_for(plan.M * C, n_threads);
     BNCY_PARALLEL_FOR(nt, u, plan.n_units,
                       { FN(grad_sums_unit)(dy, dys, x, xs, sh, mean, &plan, part, u); });
-    /* each channel's groups added in order (the channel loop innermost, so it vectorizes) */
-    for (c = 0; c < C; c++) sdy[c] = sdyx[c] = 0.0;
-    for (g = 0; g < G; g++) {
-        const double *BNCY_RESTRICT pa = part + g * C, *BNCY_RESTRICT pb = part + (G + g) * C;
-        BNCY_IVDEP for (c = 0; c < C; c++) {
-            sdy[c] += pa[c];
-            sdyx[c] += pb[c];
-        }
-    }
+    FN(grad_sums_merge)(part, G, C, 0, C, sdy, sdyx);
     free(part);
     return BNCY_OK;
 }
@@ -1551,58 +1560,124 @@ static BNCY_NOINLINE void FN(plane_dx_unit)(const T *dy, bncy_strides dys, const
     if (stream) BNCY_STREAM_FENCE();
 }
 
-static void FN(dx_pass)(const T *dy, bncy_strides dys, const T *x, bncy_strides xs, T *dx,
-                        bncy_strides dxs, bncy_shape sh, const CT *mask, FN(bncy_grad_consts) k,
-                        int training, int n_threads) {
+BNCY_INLINE FN(bncy_grad_consts) FN(grad_consts_view)(const CT *arr, int64_t C) {
+    FN(bncy_grad_consts) k;
+    k.A = arr;
+    k.B = arr + C;
+    k.K = arr + 2 * C;
+    k.inv = arr + 3 * C;
+    k.hi = arr + 4 * C;
+    return k;
+}
+
+/* How the dx pass walks its units: flat rows (whole rows shifted by k0, aligned and maybe
+   streamed stores, with the constants rotated by k0), rows, or planes. */
+typedef struct {
+    int mode; /* BNCY_DX_FLAT, BNCY_DX_ROWS or BNCY_DX_PLANES */
+    int unit, stream;
+    int64_t k0, rows, n_units, nb;
+} FN(dx_walk);
+
+#ifndef BNCY_DX_FLAT
+#define BNCY_DX_FLAT 0
+#define BNCY_DX_ROWS 1
+#define BNCY_DX_PLANES 2
+#endif
+
+/* Whether dx can take the flat rows walk (which needs room for the rotated constants). */
+BNCY_INLINE int FN(dx_flat)(bncy_shape sh, bncy_strides dys, bncy_strides xs, bncy_strides dxs,
+                            const CT *mask) {
+    return !mask && bncy_flat_rows(sh, xs) && bncy_flat_rows(sh, dys) &&
+           bncy_flat_rows(sh, dxs) && FN(rows_alignable)(sh);
+}
+
+/* The walk of the dx pass; flat: FN(dx_flat) holds and the rotated constants have room. */
+static FN(dx_walk) FN(dx_setup)(const T *dx, bncy_shape sh, bncy_strides dys, bncy_strides xs,
+                                bncy_strides dxs, int flat) {
     const int64_t C = sh.chan, M = sh.outer * sh.inner;
-    const int family = bncy_choose_family(sh, xs);
-    const int nt = bncy_threads_for(M * C, n_threads);
-    const int flat = !mask && bncy_flat_rows(sh, xs) && bncy_flat_rows(sh, dys) &&
-                     bncy_flat_rows(sh, dxs) && FN(rows_alignable)(sh);
-    const int64_t k0 = flat ? bncy_peel(dx, (int64_t)sizeof(T), C) : 0;
-    const int stream = FN(streams)(sh);
-    const int flat_stream = stream && flat && (uintptr_t)(dx + k0) % BNCY_ALIGN == 0;
-    int64_t u;
-    if (flat) { /* flat rows: aligned (and maybe streamed) vector stores */
-        const int64_t rows = bncy_max64(1, BNCY_ELEM_BLOCK / C), n_units = bncy_cdiv(M, rows);
-        CT *rot = (CT *)malloc((size_t)(5 * C) * sizeof(CT));
-        FN(bncy_grad_consts) kr;
-        if (rot) {
-            FN(rotate_consts)(rot, k.A, C, k0);
-            FN(rotate_consts)(rot + C, k.B, C, k0);
-            FN(rotate_consts)(rot + 2 * C, k.K, C, k0);
-            FN(rotate_consts)(rot + 3 * C, k.inv, C, k0);
-            FN(rotate_consts)(rot + 4 * C, k.hi, C, k0);
-            kr.A = rot;
-            kr.B = rot + C;
-            kr.K = rot + 2 * C;
-            kr.inv = rot + 3 * C;
-            kr.hi = rot + 4 * C;
-            BNCY_PARALLEL_FOR_TAIL_FIRST(nt, n_units, {
-                const int64_t p0 = u * rows;
-                FN(rows_flat_dx_unit)(dy, x, dx, C, k0, &k, &kr, p0, bncy_min64(M, p0 + rows),
-                                      training, flat_stream);
-            });
-            free(rot);
-            return;
-        } /* no memory for the rotated constants: the plain rows walk below */
+    FN(dx_walk) w;
+    w.stream = FN(streams)(sh);
+    w.k0 = w.nb = 0;
+    w.rows = bncy_max64(1, BNCY_ELEM_BLOCK / C);
+    w.n_units = bncy_cdiv(M, w.rows);
+    if (flat) {
+        w.mode = BNCY_DX_FLAT;
+        w.unit = 1;
+        w.k0 = bncy_peel(dx, (int64_t)sizeof(T), C);
+        w.stream = w.stream && (uintptr_t)(dx + w.k0) % BNCY_ALIGN == 0;
+    } else if (bncy_choose_family(sh, xs) == BNCY_ROWS) {
+        w.mode = BNCY_DX_ROWS;
+        w.unit = xs.chan == 1 && dys.chan == 1 && dxs.chan == 1;
+        w.stream = 0;
+    } else {
+        w.mode = BNCY_DX_PLANES;
+        w.unit = xs.inner == 1 && dys.inner == 1 && dxs.inner == 1;
+        w.nb = bncy_plane_blocks(sh);
+        w.n_units = bncy_plane_units(sh, w.nb);
     }
-    if (family == BNCY_ROWS) {
-        const int64_t rows = bncy_max64(1, BNCY_ELEM_BLOCK / C), n_units = bncy_cdiv(M, rows);
-        const int unit = xs.chan == 1 && dys.chan == 1 && dxs.chan == 1;
-        BNCY_PARALLEL_FOR_TAIL_FIRST(nt, n_units, {
+    return w;
+}
+
+/* The rotated copy of channels [c0, c1) of the constants arr = [A | B | K | inv | hi] for a flat
+   walk shifted by k0: rot[j] = arr[(j + k0) % C]. */
+static void FN(rotate_consts_range)(CT *rot, const CT *arr, int64_t C, int64_t k0, int64_t c0,
+                                    int64_t c1) {
+    const int64_t a0 = c0, a1 = bncy_min64(c1, k0), b0 = bncy_max64(c0, k0), b1 = c1;
+    int64_t q;
+    for (q = 0; q < 5; q++) {
+        if (a1 > a0) memcpy(rot + q * C + a0 + C - k0, arr + q * C + a0,
+                            (size_t)(a1 - a0) * sizeof(CT));
+        if (b1 > b0) memcpy(rot + q * C + b0 - k0, arr + q * C + b0,
+                            (size_t)(b1 - b0) * sizeof(CT));
+    }
+}
+
+/* This thread's share of the dx pass, inside a BNCY_TEAM (no barrier after it). k holds the
+   constants; kr the same rotated by the walk's k0 (flat walk only). */
+static void FN(dx_units)(const FN(dx_walk) * w, const T *dy, bncy_strides dys, const T *x,
+                         bncy_strides xs, T *dx, bncy_strides dxs, bncy_shape sh,
+                         const CT *mask, const FN(bncy_grad_consts) * k,
+                         const FN(bncy_grad_consts) * kr, int training) {
+    const int64_t C = sh.chan, M = sh.outer * sh.inner, rows = w->rows;
+    if (w->mode == BNCY_DX_FLAT) { /* aligned (and maybe streamed) vector stores */
+        BNCY_TEAM_TAIL_FIRST(w->n_units, {
             const int64_t p0 = u * rows;
-            FN(rows_dx_unit)(dy, dys, x, xs, dx, dxs, sh, mask, &k, p0, bncy_min64(M, p0 + rows),
-                             training, unit);
+            FN(rows_flat_dx_unit)(dy, x, dx, C, w->k0, k, kr, p0, bncy_min64(M, p0 + rows),
+                                  training, w->stream);
+        });
+    } else if (w->mode == BNCY_DX_ROWS) {
+        BNCY_TEAM_TAIL_FIRST(w->n_units, {
+            const int64_t p0 = u * rows;
+            FN(rows_dx_unit)(dy, dys, x, xs, dx, dxs, sh, mask, k, p0, bncy_min64(M, p0 + rows),
+                             training, w->unit);
         });
     } else {
-        const int64_t nb = bncy_plane_blocks(sh), n_units = bncy_plane_units(sh, nb);
-        const int unit = xs.inner == 1 && dys.inner == 1 && dxs.inner == 1;
-        BNCY_PARALLEL_FOR(nt, u, n_units, {
-            FN(plane_dx_unit)(dy, dys, x, xs, dx, dxs, sh, mask, &k, u, nb, training, unit,
-                              stream);
+        int64_t u;
+        BNCY_TEAM_FOR(u, w->n_units, {
+            FN(plane_dx_unit)(dy, dys, x, xs, dx, dxs, sh, mask, k, u, w->nb, training, w->unit,
+                              w->stream);
         });
     }
+}
+
+/* The dx pass from its constants arr = [A | B | K | inv | hi], in a parallel region of its own. */
+static void FN(dx_pass)(const T *dy, bncy_strides dys, const T *x, bncy_strides xs, T *dx,
+                        bncy_strides dxs, bncy_shape sh, const CT *mask, const CT *arr,
+                        int training, int n_threads) {
+    const int64_t C = sh.chan, M = sh.outer * sh.inner;
+    const int nt = bncy_threads_for(M * C, n_threads);
+    const FN(bncy_grad_consts) k = FN(grad_consts_view)(arr, C);
+    /* no memory for the rotated constants: the plain rows walk */
+    CT *rot = FN(dx_flat)(sh, dys, xs, dxs, mask) ? (CT *)malloc((size_t)(5 * C) * sizeof(CT))
+                                                   : NULL;
+    const FN(dx_walk) w = FN(dx_setup)(dx, sh, dys, xs, dxs, rot != NULL);
+    FN(bncy_grad_consts) kr = k;
+    if (rot) {
+        FN(rotate_consts_range)(rot, arr, C, w.k0, 0, C);
+        kr = FN(grad_consts_view)(rot, C);
+    }
+    BNCY_TEAM(nt, { FN(dx_units)(&w, dy, dys, x, xs, dx, dxs, sh, mask, &k, &kr, training); });
+    free(rot);
 }
 
 /* Sum of the weights over the positions (the same for every channel). */
@@ -1644,37 +1719,6 @@ BNCY_INLINE void FN(grad_consts_chan)(CT *arr, int64_t C, int64_t c, double mean
     arr[4 * C + c] = hi;
 }
 
-BNCY_INLINE FN(bncy_grad_consts) FN(grad_consts_view)(const CT *arr, int64_t C) {
-    FN(bncy_grad_consts) k;
-    k.A = arr;
-    k.B = arr + C;
-    k.K = arr + 2 * C;
-    k.inv = arr + 3 * C;
-    k.hi = arr + 4 * C;
-    return k;
-}
-
-/* Room for the per-channel sd = sqrt(var + eps) and the dx constants of consts_then_dx. */
-BNCY_INLINE size_t FN(grad_work_bytes)(int64_t C) {
-    return (size_t)C * sizeof(double) + (size_t)(5 * C) * sizeof(CT);
-}
-
-/* The dx constants [A | B | K | inv | hi] from sd (the first C doubles of work, filled by the
-   caller), into the rest of work, then the elementwise dx pass. rw = 1/W (training). */
-static void FN(consts_then_dx)(const T *dy, bncy_strides dys, const T *x, bncy_strides xs, T *dx,
-                               bncy_strides dxs, bncy_shape sh, const CT *mask,
-                               const double *mean, const double *gamma, int training, double rw,
-                               const double *sdy, const double *sdyx, double *work,
-                               int n_threads) {
-    const int64_t C = sh.chan;
-    CT *arr = (CT *)(work + C);
-    int64_t c;
-    for (c = 0; c < C; c++)
-        FN(grad_consts_chan)(arr, C, c, mean[c], work[c], gamma, training, rw, sdy[c], sdyx[c]);
-    FN(dx_pass)(dy, dys, x, xs, dx, dxs, sh, mask, FN(grad_consts_view)(arr, C), training,
-                n_threads);
-}
-
 /* Pass 2 of the backward: dx from the sums of pass 1 and the total weight W (training), or
    dx = dy * gamma / sqrt(var + eps) (inference; the sums and W are not used). */
 int FN(bncy_grad_input)(const T *dy, bncy_strides dys, const T *x, bncy_strides xs, T *dx,
@@ -1682,16 +1726,17 @@ int FN(bncy_grad_input)(const T *dy, bncy_strides dys, const T *x, bncy_strides 
                         const double *var, const double *gamma, double eps, int training,
                         double wtotal, const double *sdy, const double *sdyx, int n_threads) {
     const int64_t C = sh.chan, M = sh.outer * sh.inner;
-    double *work;
+    CT *arr;
     int64_t c;
     if (sh.outer < 0 || sh.chan < 0 || sh.inner < 0) return BNCY_ERR_ARG;
     if (C == 0 || M == 0) return BNCY_OK;
-    work = (double *)malloc(FN(grad_work_bytes)(C));
-    if (!work) return BNCY_ERR_NOMEM;
-    for (c = 0; c < C; c++) work[c] = sqrt(var[c] + eps);
-    FN(consts_then_dx)(dy, dys, x, xs, dx, dxs, sh, mask, mean, gamma, training, 1.0 / wtotal,
-                       sdy, sdyx, work, n_threads);
-    free(work);
+    arr = (CT *)malloc((size_t)(5 * C) * sizeof(CT)); /* the dx constants */
+    if (!arr) return BNCY_ERR_NOMEM;
+    for (c = 0; c < C; c++)
+        FN(grad_consts_chan)(arr, C, c, mean[c], sqrt(var[c] + eps), gamma, training,
+                             1.0 / wtotal, sdy[c], sdyx[c]);
+    FN(dx_pass)(dy, dys, x, xs, dx, dxs, sh, mask, arr, training, n_threads);
+    free(arr);
     return BNCY_OK;
 }
 
@@ -1761,15 +1806,81 @@ static int FN(backward_fused)(const T *dy, bncy_strides dys, const T *x, bncy_st
     return BNCY_OK;
 }
 
+#define BNCY_CONSTS_CHUNK 64 /* channels per share of the per-channel work of a backward */
+
+/* Channels [c0, c1) of the separate-pass backward's per-channel work: the sums (dbeta, sdyx)
+   from the group partials, sd = sqrt(var + eps) shared by dgamma and the dx constants, the
+   constants arr and their rotated copy rot (flat walk; NULL otherwise). The formulas are those
+   of bncy_grad_sums and bncy_grad_input, so the results are bitwise theirs. */
+static void FN(backward_chan_range)(const double *part, int64_t G, int64_t C, int64_t c0,
+                                    int64_t c1, const double *mean, const double *var,
+                                    const double *gamma, double eps, int training, double rw,
+                                    double *dgamma, double *dbeta, double *sdyx, double *sd,
+                                    CT *arr, CT *rot, int64_t k0) {
+    int64_t c;
+    FN(grad_sums_merge)(part, G, C, c0, c1, dbeta, sdyx);
+    BNCY_IVDEP for (c = c0; c < c1; c++) {
+        sd[c] = sqrt(var[c] + eps);
+        dgamma[c] = bncy_dgamma(sdyx[c], sd[c]);
+    }
+    for (c = c0; c < c1; c++)
+        FN(grad_consts_chan)(arr, C, c, mean[c], sd[c], gamma, training, rw, dbeta[c], sdyx[c]);
+    if (rot) FN(rotate_consts_range)(rot, arr, C, k0, c0, c1);
+}
+
+/* The backward in separate passes, all in one parallel region: the sums' group partials
+   (grad_sums_unit, split as in grad_sums), then each channel's sums, dgamma and dx constants
+   (split by channels: the per-channel work at many channels is a few microseconds, and each
+   channel's arithmetic is the same whichever thread does it), then dx (the walk of dx_pass,
+   split as there). Two barriers instead of two regions and the serial work between them. */
+static int FN(backward_team)(const T *dy, bncy_strides dys, const T *x, bncy_strides xs, T *dx,
+                             bncy_strides dxs, bncy_shape sh, const CT *mask, const double *mean,
+                             const double *var, const double *gamma, double eps, int training,
+                             double *dgamma, double *dbeta, int n_threads) {
+    const int64_t C = sh.chan, M = sh.outer * sh.inner;
+    const bncy_plan plan = bncy_make_plan(sh, xs);
+    const int64_t G = plan.n_groups, n_chunks = bncy_cdiv(C, BNCY_CONSTS_CHUNK);
+    const int flat = FN(dx_flat)(sh, dys, xs, dxs, mask);
+    const int nt = bncy_threads_for(M * C, n_threads);
+    const double rw = training ? 1.0 / FN(weight_total)(mask, M) : 0.0;
+    /* the partials, sdyx, sd (doubles), then the constants and their rotated copy */
+    double *part = (double *)malloc((size_t)((2 * G + 2) * C) * sizeof(double) +
+                                    (size_t)((flat ? 10 : 5) * C) * sizeof(CT));
+    double *sdyx, *sd;
+    CT *arr, *rot;
+    FN(dx_walk) w;
+    FN(bncy_grad_consts) k, kr;
+    if (!part) return BNCY_ERR_NOMEM;
+    sdyx = part + 2 * G * C;
+    sd = sdyx + C;
+    arr = (CT *)(sd + C);
+    rot = flat ? arr + 5 * C : NULL;
+    w = FN(dx_setup)(dx, sh, dys, xs, dxs, flat);
+    k = FN(grad_consts_view)(arr, C);
+    kr = flat ? FN(grad_consts_view)(rot, C) : k;
+    BNCY_TEAM(nt, {
+        int64_t u;
+        BNCY_TEAM_FOR(u, plan.n_units,
+                      { FN(grad_sums_unit)(dy, dys, x, xs, sh, mean, &plan, part, u); });
+        BNCY_TEAM_FOR(u, n_chunks, {
+            const int64_t c0 = u * BNCY_CONSTS_CHUNK;
+            FN(backward_chan_range)(part, G, C, c0, bncy_min64(C, c0 + BNCY_CONSTS_CHUNK), mean,
+                                    var, gamma, eps, training, rw, dgamma, dbeta, sdyx, sd, arr,
+                                    rot, w.k0);
+        });
+        FN(dx_units)(&w, dy, dys, x, xs, dx, dxs, sh, mask, &k, &kr, training);
+    });
+    free(part);
+    return BNCY_OK;
+}
+
 int FN(bncy_batch_norm_backward)(const T *dy, bncy_strides dys, const T *x, bncy_strides xs,
                                  T *dx, bncy_strides dxs, bncy_shape sh, const CT *mask,
                                  const double *mean, const double *var, const double *gamma,
                                  double eps, int training, double *dgamma, double *dbeta,
                                  int n_threads) {
     const int64_t C = sh.chan, M = sh.outer * sh.inner;
-    double *sdyx;
     int64_t c;
-    int status;
     if (sh.outer < 0 || sh.chan < 0 || sh.inner < 0) return BNCY_ERR_ARG;
     if (C == 0) return BNCY_OK;
     if (M > 0) {
@@ -1782,23 +1893,8 @@ int FN(bncy_batch_norm_backward)(const T *dy, bncy_strides dys, const T *x, bncy
         for (c = 0; c < C; c++) dgamma[c] = dbeta[c] = 0.0;
         return BNCY_OK;
     }
-    /* sdyx, then bncy_grad_input's work (sd, the dx constants): each channel's square root
-       serves its dgamma and its constants */
-    sdyx = (double *)malloc((size_t)C * sizeof(double) + FN(grad_work_bytes)(C));
-    if (!sdyx) return BNCY_ERR_NOMEM;
-    status = FN(grad_sums)(dy, dys, x, xs, sh, mean, dbeta, sdyx, n_threads);
-    if (status == BNCY_OK) {
-        double *BNCY_RESTRICT sd = sdyx + C;
-        BNCY_IVDEP for (c = 0; c < C; c++) {
-            sd[c] = sqrt(var[c] + eps);
-            dgamma[c] = bncy_dgamma(sdyx[c], sd[c]);
-        }
-        FN(consts_then_dx)(dy, dys, x, xs, dx, dxs, sh, mask, mean, gamma, training,
-                           training ? 1.0 / FN(weight_total)(mask, M) : 0.0, dbeta, sdyx, sd,
-                           n_threads);
-    }
-    free(sdyx);
-    return status;
+    return FN(backward_team)(dy, dys, x, xs, dx, dxs, sh, mask, mean, var, gamma, eps, training,
+                             dgamma, dbeta, n_threads);
 }
 
 #undef FN
