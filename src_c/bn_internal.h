@@ -245,6 +245,17 @@ static inline bncy_plan bncy_make_plan(bncy_shape sh, bncy_strides xs) {
         while (u-- > bncy_lo_) __VA_ARGS__                                      \
     } while (0)
 
+/* How an elementwise pass (normalize, dx) walks its units: flat rows (whole rows shifted by k0:
+   aligned, maybe streamed stores, with the constants rotated by k0), rows, planes, or runs of
+   short planes walked flat. */
+enum { BNCY_WALK_FLAT, BNCY_WALK_ROWS, BNCY_WALK_PLANES, BNCY_WALK_PLANES_FLAT };
+typedef struct {
+    int mode;   /* BNCY_WALK_* */
+    int unit;   /* unit strides along the walked dim */
+    int stream; /* streamed (non-temporal) stores */
+    int64_t k0, rows, n_units, nb;
+} bncy_walk;
+
 /* The planes elementwise passes: units of (o, c, block of BNCY_ELEM_BLOCK along the inner dim),
    or, for inner dims shorter than half a block, runs of whole (o, c) planes. Returns the blocks
    per plane (> 0), or minus the planes per unit (< 0). */

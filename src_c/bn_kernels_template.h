@@ -639,18 +639,19 @@ static BNCY_NOINLINE void FN(stats_unit)(const T *x, bncy_strides xs, bncy_shape
     }
 }
 
-/* Chan-merge the G groups' partials in order. A group's weight is the same for every channel
-   (weights belong to positions), so the merge factors are scalars and the channel loop
+/* Chan-merge the G groups' partials in order, for C channels of partials laid out G x ld
+   (ld >= C: a range of channels of a wider layout). A group's weight is the same for every
+   channel (weights belong to positions), so the merge factors are scalars and the channel loop
    vectorizes. */
-static void FN(merge_groups)(const double *part, int64_t G, int64_t C, double *wsum,
+static void FN(merge_groups)(const double *part, int64_t G, int64_t ld, int64_t C, double *wsum,
                              double *mean, double *m2sum) {
-    const double *pw = part, *pm = part + G * C, *pm2 = part + 2 * G * C;
+    const double *pw = part, *pm = part + G * ld, *pm2 = part + 2 * G * ld;
     double wa = 0.0;
     int64_t g, c;
     for (c = 0; c < C; c++) mean[c] = m2sum[c] = 0.0;
     for (g = 0; g < G; g++) {
-        const double wb = pw[g * C], w = wa + wb;
-        const double *BNCY_RESTRICT mb = pm + g * C, *BNCY_RESTRICT m2b = pm2 + g * C;
+        const double wb = pw[g * ld], w = wa + wb;
+        const double *BNCY_RESTRICT mb = pm + g * ld, *BNCY_RESTRICT m2b = pm2 + g * ld;
         if (wb == 0.0) continue;
         if (wa == 0.0) {
             for (c = 0; c < C; c++) {
@@ -690,7 +691,7 @@ int FN(bncy_moments_partial)(const T *x, bncy_strides xs, bncy_shape sh, const C
     if (!part) return BNCY_ERR_NOMEM;
     nt = bncy_threads_for(plan.M * C, n_threads);
     BNCY_PARALLEL_FOR(nt, u, plan.n_units, { FN(stats_unit)(x, xs, sh, mask, &plan, part, u); });
-    FN(merge_groups)(part, G, C, wsum, mean, m2sum);
+    FN(merge_groups)(part, G, C, C, wsum, mean, m2sum);
     free(part);
     return BNCY_OK;
 }
@@ -784,10 +785,18 @@ BNCY_INLINE int FN(rows_alignable)(bncy_shape sh) {
            sh.outer * sh.inner * sh.chan >= BNCY_PEEL_MIN;
 }
 
-/* dst[c] = src[(c + k0) % C]: per-channel constants for rows walked shifted by k0. */
-static void FN(rotate_consts)(CT *dst, const CT *src, int64_t C, int64_t k0) {
-    memcpy(dst, src + k0, (size_t)(C - k0) * sizeof(CT)); /* 0 <= k0 <= C */
-    memcpy(dst + (C - k0), src, (size_t)k0 * sizeof(CT));
+/* Channels [c0, c1) of the rotated copy of nq constant arrays (arr = nq arrays of length C one
+   after the other) for a flat walk shifted by k0: rot[q C + j] = arr[q C + (j + k0) % C]. */
+static void FN(rotate_consts_range)(CT *rot, const CT *arr, int64_t C, int64_t k0, int64_t c0,
+                                    int64_t c1, int nq) {
+    const int64_t a0 = c0, a1 = bncy_min64(c1, k0), b0 = bncy_max64(c0, k0), b1 = c1;
+    int64_t q;
+    for (q = 0; q < nq; q++) {
+        if (a1 > a0) memcpy(rot + q * C + a0 + C - k0, arr + q * C + a0,
+                            (size_t)(a1 - a0) * sizeof(CT));
+        if (b1 > b0) memcpy(rot + q * C + b0 - k0, arr + q * C + b0,
+                            (size_t)(b1 - b0) * sizeof(CT));
+    }
 }
 
 /* Rows [p0, p1) of flat rows arrays (bncy_flat_rows) whose output rows start k0 elements before
@@ -953,56 +962,85 @@ static BNCY_NOINLINE void FN(plane_flat_normalize_unit)(const T *x, T *y, bncy_s
     }
 }
 
+/* Whether the normalize can take the flat rows walk. */
+BNCY_INLINE int FN(norm_flat)(bncy_shape sh, bncy_strides xs, bncy_strides ys) {
+    return bncy_flat_rows(sh, xs) && bncy_flat_rows(sh, ys) && FN(rows_alignable)(sh);
+}
+
+/* The walk of the normalize; flat_room: there is room for the rotated constants. */
+static bncy_walk FN(norm_setup)(const T *y, bncy_shape sh, bncy_strides xs, bncy_strides ys,
+                                int flat_room) {
+    const int64_t C = sh.chan, M = sh.outer * sh.inner;
+    bncy_walk w;
+    w.stream = FN(streams)(sh);
+    w.k0 = w.nb = 0;
+    w.rows = bncy_max64(1, BNCY_ELEM_BLOCK / C);
+    w.n_units = bncy_cdiv(M, w.rows);
+    if (flat_room && FN(norm_flat)(sh, xs, ys)) {
+        w.mode = BNCY_WALK_FLAT;
+        w.unit = 1;
+        w.k0 = bncy_peel(y, (int64_t)sizeof(T), C);
+        w.stream = w.stream && (uintptr_t)(y + w.k0) % BNCY_ALIGN == 0;
+    } else if (bncy_choose_family(sh, xs) == BNCY_ROWS) {
+        w.mode = BNCY_WALK_ROWS;
+        w.unit = xs.chan == 1 && ys.chan == 1;
+        w.stream = 0;
+    } else { /* units: (o, c, block of the inner dim), or runs of whole planes */
+        w.nb = bncy_plane_blocks(sh);
+        w.n_units = bncy_plane_units(sh, w.nb);
+        w.unit = xs.inner == 1 && ys.inner == 1;
+        w.mode = w.nb < 0 && !w.stream && FN(planes_flat)(sh, xs, ys) ? BNCY_WALK_PLANES_FLAT
+                                                                      : BNCY_WALK_PLANES;
+    }
+    return w;
+}
+
+/* This thread's share of the normalize, inside a BNCY_TEAM (no barrier after it). k = [hi | a |
+   b], each of length C; kr the same rotated by the walk's k0 (flat walk only). */
+static void FN(norm_units)(const bncy_walk *w, const T *x, bncy_strides xs, T *y,
+                           bncy_strides ys, bncy_shape sh, const CT *k, const CT *kr) {
+    const int64_t C = sh.chan, M = sh.outer * sh.inner, rows = w->rows;
+    const CT *hi = k, *a = k + C, *b = k + 2 * C;
+    int64_t u;
+    if (w->mode == BNCY_WALK_FLAT) { /* aligned (and maybe streamed) vector stores */
+        BNCY_TEAM_TAIL_FIRST(w->n_units, {
+            const int64_t p0 = u * rows;
+            FN(rows_flat_normalize_unit)(x, y, C, w->k0, hi, a, b, kr, kr + C, kr + 2 * C, p0,
+                                         bncy_min64(M, p0 + rows), w->stream);
+        });
+    } else if (w->mode == BNCY_WALK_ROWS) {
+        BNCY_TEAM_TAIL_FIRST(w->n_units, {
+            const int64_t p0 = u * rows;
+            FN(rows_normalize_unit)(x, xs, y, ys, sh, hi, a, b, p0, bncy_min64(M, p0 + rows),
+                                    w->unit);
+        });
+    } else if (w->mode == BNCY_WALK_PLANES_FLAT) { /* runs of short planes */
+        BNCY_TEAM_FOR(u, w->n_units,
+                      { FN(plane_flat_normalize_unit)(x, y, sh, hi, a, b, u, w->nb); });
+    } else {
+        BNCY_TEAM_FOR(u, w->n_units, {
+            FN(plane_normalize_unit)(x, xs, y, ys, sh, hi, a, b, u, w->nb, w->unit, w->stream);
+        });
+    }
+}
+
 int FN(bncy_normalize)(const T *x, bncy_strides xs, T *y, bncy_strides ys, bncy_shape sh,
                        const double *mean, const double *scale, const double *shift,
                        int n_threads) {
     const int64_t C = sh.chan, M = sh.outer * sh.inner;
     const int nt = bncy_threads_for(M * C, n_threads);
-    const int flat = bncy_flat_rows(sh, xs) && bncy_flat_rows(sh, ys) && FN(rows_alignable)(sh);
-    const int64_t k0 = flat ? bncy_peel(y, (int64_t)sizeof(T), C) : 0;
-    const int stream = FN(streams)(sh);
-    const int flat_stream = stream && flat && (uintptr_t)(y + k0) % BNCY_ALIGN == 0;
-    CT *hi, *a, *b;
-    int64_t u;
+    const int flat = FN(norm_flat)(sh, xs, ys);
+    bncy_walk w;
+    CT *k;
     if (sh.outer < 0 || sh.chan < 0 || sh.inner < 0) return BNCY_ERR_ARG;
     if (M == 0 || C == 0) return BNCY_OK;
-    hi = (CT *)malloc((size_t)((flat ? 6 : 3) * C) * sizeof(CT));
-    if (!hi) return BNCY_ERR_NOMEM;
-    a = hi + C;
-    b = hi + 2 * C;
-    FN(make_consts)(hi, a, b, C, mean, scale, shift);
-    if (flat) { /* flat rows: aligned (and maybe streamed) vector stores */
-        const int64_t rows = bncy_max64(1, BNCY_ELEM_BLOCK / C), n_units = bncy_cdiv(M, rows);
-        CT *hr = hi + 3 * C, *ar = hi + 4 * C, *br = hi + 5 * C;
-        FN(rotate_consts)(hr, hi, C, k0);
-        FN(rotate_consts)(ar, a, C, k0);
-        FN(rotate_consts)(br, b, C, k0);
-        BNCY_PARALLEL_FOR_TAIL_FIRST(nt, n_units, {
-            const int64_t p0 = u * rows;
-            FN(rows_flat_normalize_unit)(x, y, C, k0, hi, a, b, hr, ar, br, p0,
-                                         bncy_min64(M, p0 + rows), flat_stream);
-        });
-    } else if (bncy_choose_family(sh, xs) == BNCY_ROWS) {
-        const int64_t rows = bncy_max64(1, BNCY_ELEM_BLOCK / C), n_units = bncy_cdiv(M, rows);
-        const int unit = xs.chan == 1 && ys.chan == 1;
-        BNCY_PARALLEL_FOR_TAIL_FIRST(nt, n_units, {
-            const int64_t p0 = u * rows;
-            FN(rows_normalize_unit)(x, xs, y, ys, sh, hi, a, b, p0, bncy_min64(M, p0 + rows), unit);
-        });
-    } else {
-        /* units: (o, c, block of the inner dim), or runs of whole planes */
-        const int64_t nb = bncy_plane_blocks(sh), n_units = bncy_plane_units(sh, nb);
-        const int unit = xs.inner == 1 && ys.inner == 1;
-        if (nb < 0 && !stream && FN(planes_flat)(sh, xs, ys)) { /* runs of short planes */
-            BNCY_PARALLEL_FOR(nt, u, n_units,
-                              { FN(plane_flat_normalize_unit)(x, y, sh, hi, a, b, u, nb); });
-        } else {
-            BNCY_PARALLEL_FOR(nt, u, n_units, {
-                FN(plane_normalize_unit)(x, xs, y, ys, sh, hi, a, b, u, nb, unit, stream);
-            });
-        }
-    }
-    free(hi);
+    k = (CT *)malloc((size_t)((flat ? 6 : 3) * C) * sizeof(CT)); /* [hi | a | b], rotated copy */
+    if (!k) return BNCY_ERR_NOMEM;
+    w = FN(norm_setup)(y, sh, xs, ys, flat);
+    FN(make_consts)(k, k + C, k + 2 * C, C, mean, scale, shift);
+    if (flat) FN(rotate_consts_range)(k + 3 * C, k, C, w.k0, 0, C, 3);
+    BNCY_TEAM(nt, { FN(norm_units)(&w, x, xs, y, ys, sh, k, k + 3 * C); });
+    free(k);
     return BNCY_OK;
 }
 
@@ -1087,7 +1125,7 @@ static BNCY_NOINLINE void FN(train_fused_unit)(const T *x, bncy_strides xs, T *y
         FN(planes_stats_unit)(xb, xs, shb, mask, p0, p1, part + g * nc, part + (G + g) * nc,
                               part + (2 * G + g) * nc, pf);
     }
-    FN(merge_groups)(part, G, nc, w, mean + c0, var + c0);
+    FN(merge_groups)(part, G, nc, nc, w, mean + c0, var + c0);
     for (c = 0; c < nc; c++) {
         bncy_finish_moments(w[c], &mean[c0 + c], &var[c0 + c]);
         scale[c] = bncy_affine_scale(gamma, c0 + c, var[c0 + c], eps);
@@ -1121,6 +1159,65 @@ static int FN(train_fused)(const T *x, bncy_strides xs, T *y, bncy_strides ys, b
     return BNCY_OK;
 }
 
+#define BNCY_CONSTS_CHUNK 64 /* channels per share of the per-channel work in one region */
+
+/* Channels [c0, c1) of the separate-pass training forward's per-channel work: the statistics
+   merged from the group partials (as bncy_moments), the scale (as affine_normalize), the
+   constants k = [hi | a | b] and their rotated copy rot (flat walk; NULL otherwise). */
+static void FN(train_chan_range)(const double *part, int64_t G, int64_t C, int64_t c0,
+                                 int64_t c1, const double *gamma, const double *beta, double eps,
+                                 double *mean, double *var, double *wsum, double *scale, CT *k,
+                                 CT *rot, int64_t k0) {
+    int64_t c;
+    FN(merge_groups)(part + c0, G, C, c1 - c0, wsum + c0, mean + c0, var + c0);
+    for (c = c0; c < c1; c++) {
+        bncy_finish_moments(wsum[c], &mean[c], &var[c]);
+        scale[c] = bncy_affine_scale(gamma, c, var[c], eps);
+    }
+    FN(make_consts)(k + c0, k + C + c0, k + 2 * C + c0, c1 - c0, mean + c0, scale + c0,
+                    beta ? beta + c0 : NULL);
+    if (rot) FN(rotate_consts_range)(rot, k, C, k0, c0, c1, 3);
+}
+
+/* The training forward in separate passes, all in one parallel region (as backward_team): the
+   statistics' group partials (stats_unit, split as in bncy_moments_partial), each channel's
+   statistics and constants (split by channels), then the normalize (the walk of bncy_normalize,
+   split as there). The same results as bncy_moments followed by bncy_batch_norm. */
+static int FN(train_team)(const T *x, bncy_strides xs, T *y, bncy_strides ys, bncy_shape sh,
+                          const CT *mask, const double *gamma, const double *beta, double eps,
+                          double *mean, double *var, int n_threads) {
+    const int64_t C = sh.chan;
+    const bncy_plan plan = bncy_make_plan(sh, xs);
+    const int64_t G = plan.n_groups, n_chunks = bncy_cdiv(C, BNCY_CONSTS_CHUNK);
+    const int flat = FN(norm_flat)(sh, xs, ys);
+    const int nt = bncy_threads_for(plan.M * C, n_threads);
+    /* the partials [w | mean | m2] (G x C each), wsum, scale (doubles), then the constants
+       [hi | a | b] and their rotated copy */
+    double *part = (double *)malloc((size_t)((3 * G + 2) * C) * sizeof(double) +
+                                    (size_t)((flat ? 6 : 3) * C) * sizeof(CT));
+    double *wsum, *scale;
+    CT *k, *rot;
+    bncy_walk w;
+    if (!part) return BNCY_ERR_NOMEM;
+    wsum = part + 3 * G * C;
+    scale = wsum + C;
+    k = (CT *)(scale + C);
+    rot = flat ? k + 3 * C : NULL;
+    w = FN(norm_setup)(y, sh, xs, ys, flat);
+    BNCY_TEAM(nt, {
+        int64_t u;
+        BNCY_TEAM_FOR(u, plan.n_units, { FN(stats_unit)(x, xs, sh, mask, &plan, part, u); });
+        BNCY_TEAM_FOR(u, n_chunks, {
+            const int64_t c0 = u * BNCY_CONSTS_CHUNK;
+            FN(train_chan_range)(part, G, C, c0, bncy_min64(C, c0 + BNCY_CONSTS_CHUNK), gamma,
+                                 beta, eps, mean, var, wsum, scale, k, rot, w.k0);
+        });
+        FN(norm_units)(&w, x, xs, y, ys, sh, k, rot);
+    });
+    free(part);
+    return BNCY_OK;
+}
+
 int FN(bncy_batch_norm_train)(const T *x, bncy_strides xs, T *y, bncy_strides ys, bncy_shape sh,
                               const CT *mask, const double *gamma, const double *beta,
                               double eps, double *mean, double *var, int n_threads) {
@@ -1132,6 +1229,8 @@ int FN(bncy_batch_norm_train)(const T *x, bncy_strides xs, T *y, bncy_strides ys
             return FN(train_fused)(x, xs, y, ys, sh, mask, gamma, beta, eps, mean, var, cb,
                                    n_threads);
     }
+    if (sh.outer > 0 && sh.inner > 0 && sh.chan > 0)
+        return FN(train_team)(x, xs, y, ys, sh, mask, gamma, beta, eps, mean, var, n_threads);
     status = FN(bncy_moments)(x, xs, sh, mask, mean, var, n_threads);
     if (status != BNCY_OK) return status;
     return FN(affine_normalize)(x, xs, y, ys, sh, mean, var, gamma, beta, eps, n_threads);
@@ -1570,20 +1669,6 @@ BNCY_INLINE FN(bncy_grad_consts) FN(grad_consts_view)(const CT *arr, int64_t C) 
     return k;
 }
 
-/* How the dx pass walks its units: flat rows (whole rows shifted by k0, aligned and maybe
-   streamed stores, with the constants rotated by k0), rows, or planes. */
-typedef struct {
-    int mode; /* BNCY_DX_FLAT, BNCY_DX_ROWS or BNCY_DX_PLANES */
-    int unit, stream;
-    int64_t k0, rows, n_units, nb;
-} FN(dx_walk);
-
-#ifndef BNCY_DX_FLAT
-#define BNCY_DX_FLAT 0
-#define BNCY_DX_ROWS 1
-#define BNCY_DX_PLANES 2
-#endif
-
 /* Whether dx can take the flat rows walk (which needs room for the rotated constants). */
 BNCY_INLINE int FN(dx_flat)(bncy_shape sh, bncy_strides dys, bncy_strides xs, bncy_strides dxs,
                             const CT *mask) {
@@ -1592,25 +1677,25 @@ BNCY_INLINE int FN(dx_flat)(bncy_shape sh, bncy_strides dys, bncy_strides xs, bn
 }
 
 /* The walk of the dx pass; flat: FN(dx_flat) holds and the rotated constants have room. */
-static FN(dx_walk) FN(dx_setup)(const T *dx, bncy_shape sh, bncy_strides dys, bncy_strides xs,
+static bncy_walk FN(dx_setup)(const T *dx, bncy_shape sh, bncy_strides dys, bncy_strides xs,
                                 bncy_strides dxs, int flat) {
     const int64_t C = sh.chan, M = sh.outer * sh.inner;
-    FN(dx_walk) w;
+    bncy_walk w;
     w.stream = FN(streams)(sh);
     w.k0 = w.nb = 0;
     w.rows = bncy_max64(1, BNCY_ELEM_BLOCK / C);
     w.n_units = bncy_cdiv(M, w.rows);
     if (flat) {
-        w.mode = BNCY_DX_FLAT;
+        w.mode = BNCY_WALK_FLAT;
         w.unit = 1;
         w.k0 = bncy_peel(dx, (int64_t)sizeof(T), C);
         w.stream = w.stream && (uintptr_t)(dx + w.k0) % BNCY_ALIGN == 0;
     } else if (bncy_choose_family(sh, xs) == BNCY_ROWS) {
-        w.mode = BNCY_DX_ROWS;
+        w.mode = BNCY_WALK_ROWS;
         w.unit = xs.chan == 1 && dys.chan == 1 && dxs.chan == 1;
         w.stream = 0;
     } else {
-        w.mode = BNCY_DX_PLANES;
+        w.mode = BNCY_WALK_PLANES;
         w.unit = xs.inner == 1 && dys.inner == 1 && dxs.inner == 1;
         w.nb = bncy_plane_blocks(sh);
         w.n_units = bncy_plane_units(sh, w.nb);
@@ -1618,34 +1703,20 @@ static FN(dx_walk) FN(dx_setup)(const T *dx, bncy_shape sh, bncy_strides dys, bn
     return w;
 }
 
-/* The rotated copy of channels [c0, c1) of the constants arr = [A | B | K | inv | hi] for a flat
-   walk shifted by k0: rot[j] = arr[(j + k0) % C]. */
-static void FN(rotate_consts_range)(CT *rot, const CT *arr, int64_t C, int64_t k0, int64_t c0,
-                                    int64_t c1) {
-    const int64_t a0 = c0, a1 = bncy_min64(c1, k0), b0 = bncy_max64(c0, k0), b1 = c1;
-    int64_t q;
-    for (q = 0; q < 5; q++) {
-        if (a1 > a0) memcpy(rot + q * C + a0 + C - k0, arr + q * C + a0,
-                            (size_t)(a1 - a0) * sizeof(CT));
-        if (b1 > b0) memcpy(rot + q * C + b0 - k0, arr + q * C + b0,
-                            (size_t)(b1 - b0) * sizeof(CT));
-    }
-}
-
 /* This thread's share of the dx pass, inside a BNCY_TEAM (no barrier after it). k holds the
    constants; kr the same rotated by the walk's k0 (flat walk only). */
-static void FN(dx_units)(const FN(dx_walk) * w, const T *dy, bncy_strides dys, const T *x,
+static void FN(dx_units)(const bncy_walk * w, const T *dy, bncy_strides dys, const T *x,
                          bncy_strides xs, T *dx, bncy_strides dxs, bncy_shape sh,
                          const CT *mask, const FN(bncy_grad_consts) * k,
                          const FN(bncy_grad_consts) * kr, int training) {
     const int64_t C = sh.chan, M = sh.outer * sh.inner, rows = w->rows;
-    if (w->mode == BNCY_DX_FLAT) { /* aligned (and maybe streamed) vector stores */
+    if (w->mode == BNCY_WALK_FLAT) { /* aligned (and maybe streamed) vector stores */
         BNCY_TEAM_TAIL_FIRST(w->n_units, {
             const int64_t p0 = u * rows;
             FN(rows_flat_dx_unit)(dy, x, dx, C, w->k0, k, kr, p0, bncy_min64(M, p0 + rows),
                                   training, w->stream);
         });
-    } else if (w->mode == BNCY_DX_ROWS) {
+    } else if (w->mode == BNCY_WALK_ROWS) {
         BNCY_TEAM_TAIL_FIRST(w->n_units, {
             const int64_t p0 = u * rows;
             FN(rows_dx_unit)(dy, dys, x, xs, dx, dxs, sh, mask, k, p0, bncy_min64(M, p0 + rows),
@@ -1670,10 +1741,10 @@ static void FN(dx_pass)(const T *dy, bncy_strides dys, const T *x, bncy_strides 
     /* no memory for the rotated constants: the plain rows walk */
     CT *rot = FN(dx_flat)(sh, dys, xs, dxs, mask) ? (CT *)malloc((size_t)(5 * C) * sizeof(CT))
                                                    : NULL;
-    const FN(dx_walk) w = FN(dx_setup)(dx, sh, dys, xs, dxs, rot != NULL);
+    const bncy_walk w = FN(dx_setup)(dx, sh, dys, xs, dxs, rot != NULL);
     FN(bncy_grad_consts) kr = k;
     if (rot) {
-        FN(rotate_consts_range)(rot, arr, C, w.k0, 0, C);
+        FN(rotate_consts_range)(rot, arr, C, w.k0, 0, C, 5);
         kr = FN(grad_consts_view)(rot, C);
     }
     BNCY_TEAM(nt, { FN(dx_units)(&w, dy, dys, x, xs, dx, dxs, sh, mask, &k, &kr, training); });
@@ -1806,8 +1877,6 @@ static int FN(backward_fused)(const T *dy, bncy_strides dys, const T *x, bncy_st
     return BNCY_OK;
 }
 
-#define BNCY_CONSTS_CHUNK 64 /* channels per share of the per-channel work of a backward */
-
 /* Channels [c0, c1) of the separate-pass backward's per-channel work: the sums (dbeta, sdyx)
    from the group partials, sd = sqrt(var + eps) shared by dgamma and the dx constants, the
    constants arr and their rotated copy rot (flat walk; NULL otherwise). The formulas are those
@@ -1825,7 +1894,7 @@ static void FN(backward_chan_range)(const double *part, int64_t G, int64_t C, in
     }
     for (c = c0; c < c1; c++)
         FN(grad_consts_chan)(arr, C, c, mean[c], sd[c], gamma, training, rw, dbeta[c], sdyx[c]);
-    if (rot) FN(rotate_consts_range)(rot, arr, C, k0, c0, c1);
+    if (rot) FN(rotate_consts_range)(rot, arr, C, k0, c0, c1, 5);
 }
 
 /* The backward in separate passes, all in one parallel region: the sums' group partials
@@ -1848,7 +1917,7 @@ static int FN(backward_team)(const T *dy, bncy_strides dys, const T *x, bncy_str
                                     (size_t)((flat ? 10 : 5) * C) * sizeof(CT));
     double *sdyx, *sd;
     CT *arr, *rot;
-    FN(dx_walk) w;
+    bncy_walk w;
     FN(bncy_grad_consts) k, kr;
     if (!part) return BNCY_ERR_NOMEM;
     sdyx = part + 2 * G * C;
