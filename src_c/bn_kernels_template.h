@@ -967,32 +967,42 @@ BNCY_INLINE int FN(norm_flat)(bncy_shape sh, bncy_strides xs, bncy_strides ys) {
     return bncy_flat_rows(sh, xs) && bncy_flat_rows(sh, ys) && FN(rows_alignable)(sh);
 }
 
-/* The walk of the normalize; flat_room: there is room for the rotated constants. */
-static bncy_walk FN(norm_setup)(const T *y, bncy_shape sh, bncy_strides xs, bncy_strides ys,
-                                int flat_room) {
+/* The walk of an elementwise pass writing out: flat where flat is set (the flat rows walk
+   applies and its rotated constants have room), else rows or planes by x's family. unit_rows /
+   unit_planes: every array has unit channel / inner strides; short_flat: runs of short planes
+   may be walked flat (FN(planes_flat) holds). */
+static bncy_walk FN(walk_setup)(const T *out, bncy_shape sh, bncy_strides xs, int flat,
+                                int unit_rows, int unit_planes, int short_flat) {
     const int64_t C = sh.chan, M = sh.outer * sh.inner;
     bncy_walk w;
     w.stream = FN(streams)(sh);
     w.k0 = w.nb = 0;
     w.rows = bncy_max64(1, BNCY_ELEM_BLOCK / C);
     w.n_units = bncy_cdiv(M, w.rows);
-    if (flat_room && FN(norm_flat)(sh, xs, ys)) {
+    if (flat) {
         w.mode = BNCY_WALK_FLAT;
         w.unit = 1;
-        w.k0 = bncy_peel(y, (int64_t)sizeof(T), C);
-        w.stream = w.stream && (uintptr_t)(y + w.k0) % BNCY_ALIGN == 0;
+        w.k0 = bncy_peel(out, (int64_t)sizeof(T), C);
+        w.stream = w.stream && (uintptr_t)(out + w.k0) % BNCY_ALIGN == 0;
     } else if (bncy_choose_family(sh, xs) == BNCY_ROWS) {
         w.mode = BNCY_WALK_ROWS;
-        w.unit = xs.chan == 1 && ys.chan == 1;
+        w.unit = unit_rows;
         w.stream = 0;
     } else { /* units: (o, c, block of the inner dim), or runs of whole planes */
         w.nb = bncy_plane_blocks(sh);
         w.n_units = bncy_plane_units(sh, w.nb);
-        w.unit = xs.inner == 1 && ys.inner == 1;
-        w.mode = w.nb < 0 && !w.stream && FN(planes_flat)(sh, xs, ys) ? BNCY_WALK_PLANES_FLAT
-                                                                      : BNCY_WALK_PLANES;
+        w.unit = unit_planes;
+        w.mode = w.nb < 0 && !w.stream && short_flat ? BNCY_WALK_PLANES_FLAT : BNCY_WALK_PLANES;
     }
     return w;
+}
+
+/* The walk of the normalize; flat_room: there is room for the rotated constants. */
+static bncy_walk FN(norm_setup)(const T *y, bncy_shape sh, bncy_strides xs, bncy_strides ys,
+                                int flat_room) {
+    return FN(walk_setup)(y, sh, xs, flat_room && FN(norm_flat)(sh, xs, ys),
+                          xs.chan == 1 && ys.chan == 1, xs.inner == 1 && ys.inner == 1,
+                          FN(planes_flat)(sh, xs, ys));
 }
 
 /* This thread's share of the normalize, inside a BNCY_TEAM (no barrier after it). k = [hi | a |
@@ -1678,29 +1688,9 @@ BNCY_INLINE int FN(dx_flat)(bncy_shape sh, bncy_strides dys, bncy_strides xs, bn
 
 /* The walk of the dx pass; flat: FN(dx_flat) holds and the rotated constants have room. */
 static bncy_walk FN(dx_setup)(const T *dx, bncy_shape sh, bncy_strides dys, bncy_strides xs,
-                                bncy_strides dxs, int flat) {
-    const int64_t C = sh.chan, M = sh.outer * sh.inner;
-    bncy_walk w;
-    w.stream = FN(streams)(sh);
-    w.k0 = w.nb = 0;
-    w.rows = bncy_max64(1, BNCY_ELEM_BLOCK / C);
-    w.n_units = bncy_cdiv(M, w.rows);
-    if (flat) {
-        w.mode = BNCY_WALK_FLAT;
-        w.unit = 1;
-        w.k0 = bncy_peel(dx, (int64_t)sizeof(T), C);
-        w.stream = w.stream && (uintptr_t)(dx + w.k0) % BNCY_ALIGN == 0;
-    } else if (bncy_choose_family(sh, xs) == BNCY_ROWS) {
-        w.mode = BNCY_WALK_ROWS;
-        w.unit = xs.chan == 1 && dys.chan == 1 && dxs.chan == 1;
-        w.stream = 0;
-    } else {
-        w.mode = BNCY_WALK_PLANES;
-        w.unit = xs.inner == 1 && dys.inner == 1 && dxs.inner == 1;
-        w.nb = bncy_plane_blocks(sh);
-        w.n_units = bncy_plane_units(sh, w.nb);
-    }
-    return w;
+                              bncy_strides dxs, int flat) {
+    return FN(walk_setup)(dx, sh, xs, flat, xs.chan == 1 && dys.chan == 1 && dxs.chan == 1,
+                          xs.inner == 1 && dys.inner == 1 && dxs.inner == 1, 0);
 }
 
 /* This thread's share of the dx pass, inside a BNCY_TEAM (no barrier after it). k holds the
