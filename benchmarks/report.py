@@ -1006,11 +1006,21 @@ class Report:
                     items.append((case, speed))
             if items:
                 case, worst = min(items, key=lambda it: it[1])
-                lines.append("- thread scaling (training forward with out=, %d threads vs 1) >= 1.8x "
-                             "where x and y fit in half the last-level cache (%d MiB): %s "
-                             "(worst %.2fx on %s; %s)"
-                             % (threads, cache >> 20, verdict(worst >= 1.8), worst, case.name,
-                                listing(items, "%.2fx")))
+                line = ("- thread scaling (training forward with out=, %d threads vs 1) >= 1.8x "
+                        "where x and y fit in half the last-level cache (%d MiB): %s "
+                        "(worst %.2fx on %s; %s)"
+                        % (threads, cache >> 20, verdict(worst >= 1.8), worst, case.name,
+                           listing(items, "%.2fx")))
+                # context, not part of the verdict: how the floor's own passes scaled in this run
+                floors = []
+                for c, _ in items:
+                    a = self.times.get(("train", c.name, dtype, min(self.args.threads)), {})
+                    b = self.times.get(("train", c.name, dtype, threads), {})
+                    if a.get("floor") and b.get("floor"):
+                        floors.append((c, a["floor"] / b["floor"]))
+                if floors:
+                    line += "; the floor's passes themselves: %s" % listing(floors, "%.2fx")
+                lines.append(line)
         if self.memory:
             def excess(m):
                 case, _, nthreads, _, extra = m
