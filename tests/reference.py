@@ -163,9 +163,16 @@ def ref_batch_norm_backward(dy, x, mean, var, gamma=None, axis=-1, eps=1e-3, mas
     g = per_channel(gamma, c, 1.0)
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         inv = 1.0 / np.sqrt(per_channel(var, c, 1.0) + eps)
-        xhat = (xc - m) * inv
+        d = xc - m
+        xhat = d * inv
         sum_dy = np.sum(dyc, axis=1, keepdims=True)
-        sum_dy_xhat = np.sum(dyc * xhat, axis=1, keepdims=True)
+        # sum(dy * xhat): where the deviations are subnormal, xhat is too and has lost digits;
+        # the sum is taken over the deviations scaled by 2**k (exact) into the normal range,
+        # and scaled back once at the end (k = 0 elsewhere: the plain formula)
+        big = np.max(np.abs(d), axis=1, keepdims=True, initial=0.0)
+        e = np.frexp(np.where(np.isfinite(big) & (big > 0), big, 1.0))[1]
+        k = np.clip(-968 - e, 0, None)
+        sum_dy_xhat = np.ldexp(np.sum(dyc * (np.ldexp(d, k) * inv), axis=1, keepdims=True), -k)
         if training:
             w = weights(mask, n)
             frac = w / w.sum()

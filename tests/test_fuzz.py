@@ -1475,3 +1475,23 @@ def test_found_moving_mean_cancelling_to_zero():
                 "dtype": "float32", "trainable": True}
     c.ctor_error, c.steps = None, ["train", "train"]
     run_layer_case(c)
+
+
+def test_found_subnormal_deviations_dgamma():
+    """float64 x of subnormals (deviations of a few units of 2**-1074) with a dy of 1e150:
+    dgamma = sum(dy * (x - mean)) / sqrt(var + eps) is a normal number, -4.6871e-172. The oracle
+    took it as sum(dy * xhat) with xhat subnormal itself, which had lost three digits
+    (-4.6936e-172), and failed bn_cy's exact answer. Found by the fuzz suite."""
+    from fractions import Fraction
+
+    unit = np.float64(5e-324)
+    x = (np.array([-9.0, -6.0, 6.0]) * unit)[:, None]
+    dy = np.array([0.36159505490948474, 1e150, 0.94708096312924217])[:, None]
+    mean, var = np.array([-3 * unit]), np.array([0.0])
+    sd = np.sqrt(1e-3)
+    exact = sum(Fraction(float(g)) * (Fraction(float(v)) - Fraction(float(mean[0])))
+                for g, v in zip(dy[:, 0], x[:, 0])) / Fraction(float(sd))
+    dgamma = bn_cy.batch_norm_backward(dy, x, mean, var, axis=1)[1]
+    ref = ref_batch_norm_backward(dy, x, mean, var, None, 1, 1e-3, None, True)[1]
+    np.testing.assert_allclose(dgamma, [float(exact)], rtol=1e-15)
+    np.testing.assert_allclose(ref, [float(exact)], rtol=1e-15)
