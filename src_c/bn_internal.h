@@ -155,27 +155,27 @@ static inline bncy_plan bncy_make_plan(bncy_shape sh, bncy_strides xs) {
     return p;
 }
 
+/* An OpenMP pragma from inside a macro (MSVC's __pragma, C99's _Pragma elsewhere). */
+#if defined(_OPENMP)
+#define BNCY_OMP_PRAGMA(text) BNCY_OMP_PRAGMA_(text)
+#if defined(_MSC_VER)
+#define BNCY_OMP_PRAGMA_(text) __pragma(text)
+#else
+#define BNCY_OMP_PRAGMA_(text) _Pragma(#text)
+#endif
+#endif
+
 /* for (u = 0; u < n; u++) body -- split over nt OpenMP threads (static schedule), or a plain
    loop with no parallel region at all when nt == 1 (a region of one thread still costs). */
-#if defined(_OPENMP) && defined(_MSC_VER)
-#define BNCY_PARALLEL_FOR(nt, u, n, ...)                                \
-    do {                                                                \
-        if ((nt) > 1) {                                                 \
-            __pragma(omp parallel for schedule(static) num_threads(nt)) \
-            for (u = 0; u < (n); u++) __VA_ARGS__                       \
-        } else {                                                        \
-            for (u = 0; u < (n); u++) __VA_ARGS__                       \
-        }                                                               \
-    } while (0)
-#elif defined(_OPENMP)
-#define BNCY_PARALLEL_FOR(nt, u, n, ...)                                \
-    do {                                                                \
-        if ((nt) > 1) {                                                 \
-            _Pragma("omp parallel for schedule(static) num_threads(nt)") \
-            for (u = 0; u < (n); u++) __VA_ARGS__                       \
-        } else {                                                        \
-            for (u = 0; u < (n); u++) __VA_ARGS__                       \
-        }                                                               \
+#if defined(_OPENMP)
+#define BNCY_PARALLEL_FOR(nt, u, n, ...)                                        \
+    do {                                                                        \
+        if ((nt) > 1) {                                                         \
+            BNCY_OMP_PRAGMA(omp parallel for schedule(static) num_threads(nt))  \
+            for (u = 0; u < (n); u++) __VA_ARGS__                               \
+        } else {                                                                \
+            for (u = 0; u < (n); u++) __VA_ARGS__                               \
+        }                                                                       \
     } while (0)
 #else
 #define BNCY_PARALLEL_FOR(nt, u, n, ...)      \
@@ -185,32 +185,10 @@ static inline bncy_plan bncy_make_plan(bncy_shape sh, bncy_strides xs) {
     } while (0)
 #endif
 
-/* The same loop split into contiguous ranges of units, one per thread (thread t takes units
-   [n t / nt, n (t + 1) / nt)), each walked from its last unit to its first. After a pass over
-   the same rows split the same way (the statistics, the backward sums), the rows a thread read
-   last are still in its cache, so taking them first reads part of the data from there. The
-   body sees its own (private) u. */
-#define BNCY_PARALLEL_FOR_TAIL_FIRST(nt, n, ...)                                         \
-    do {                                                                                \
-        int bncy_t_;                                                                    \
-        BNCY_PARALLEL_FOR(nt, bncy_t_, nt, {                                            \
-            const int64_t bncy_lo_ = (int64_t)(n) * bncy_t_ / (nt);                     \
-            int64_t u = (int64_t)(n) * (bncy_t_ + 1) / (nt);                            \
-            while (u-- > bncy_lo_) __VA_ARGS__                                          \
-        });                                                                             \
-    } while (0)
-
 /* One parallel region for several passes, with the work split inside it (BNCY_TEAM_FOR,
    BNCY_TEAM_TAIL_FIRST): a pass that needs the previous one complete follows a BNCY_TEAM_FOR,
-   which ends at a barrier. nt <= 1 runs the body once, serially, with no region. The splits are
-   those of BNCY_PARALLEL_FOR and BNCY_PARALLEL_FOR_TAIL_FIRST, over the team's actual size. */
+   which ends at a barrier. nt <= 1 runs the body once, serially, with no region. */
 #if defined(_OPENMP)
-#define BNCY_OMP_PRAGMA(text) BNCY_OMP_PRAGMA_(text)
-#if defined(_MSC_VER)
-#define BNCY_OMP_PRAGMA_(text) __pragma(text)
-#else
-#define BNCY_OMP_PRAGMA_(text) _Pragma(#text)
-#endif
 #define BNCY_TEAM(nt, ...)                                              \
     do {                                                                \
         if ((nt) > 1) {                                                 \
@@ -236,7 +214,11 @@ static inline bncy_plan bncy_make_plan(bncy_shape sh, bncy_strides xs) {
 #define bncy_team_size() 1
 #endif
 
-/* BNCY_PARALLEL_FOR_TAIL_FIRST's walk of units [0, n) inside a BNCY_TEAM (no barrier after). */
+/* Units [0, n) inside a BNCY_TEAM (no barrier after), split into contiguous ranges, one per
+   thread of the team (thread t of s takes [n t / s, n (t + 1) / s)), each walked from its last
+   unit to its first. After a pass over the same rows split the same way (the statistics, the
+   backward sums), the rows a thread read last are still in its cache, so taking them first
+   reads part of the data from there. The body sees its own (private) u. */
 #define BNCY_TEAM_TAIL_FIRST(n, ...)                                            \
     do {                                                                        \
         const int64_t bncy_r_ = bncy_team_rank(), bncy_s_ = bncy_team_size();   \

@@ -997,11 +997,11 @@ static bncy_walk FN(walk_setup)(const T *out, bncy_shape sh, bncy_strides xs, in
     return w;
 }
 
-/* The walk of the normalize; flat_room: there is room for the rotated constants. */
+/* The walk of the normalize; flat: FN(norm_flat) holds and the rotated constants have room. */
 static bncy_walk FN(norm_setup)(const T *y, bncy_shape sh, bncy_strides xs, bncy_strides ys,
-                                int flat_room) {
-    return FN(walk_setup)(y, sh, xs, flat_room && FN(norm_flat)(sh, xs, ys),
-                          xs.chan == 1 && ys.chan == 1, xs.inner == 1 && ys.inner == 1,
+                                int flat) {
+    return FN(walk_setup)(y, sh, xs, flat, xs.chan == 1 && ys.chan == 1,
+                          xs.inner == 1 && ys.inner == 1,
                           FN(planes_flat)(sh, xs, ys));
 }
 
