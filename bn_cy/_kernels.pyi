@@ -1,4 +1,4 @@
-"""Typing for the compiled module bn_cy._kernels (called only by bn_cy.ops)."""
+"""Typing for the compiled module bn_cy._kernels (called by bn_cy.ops and bn_cy.layer)."""
 
 from typing import Optional, Tuple
 
@@ -41,6 +41,18 @@ def batch_norm_backward(
     training: bool,
     n_threads: int,
 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+def ema_update(moving: np.ndarray, batch: np.ndarray, momentum: float, rest: float) -> bool: ...
+def train_update(
+    x: np.ndarray,
+    axis: int,
+    gamma: Optional[np.ndarray],
+    beta: Optional[np.ndarray],
+    eps: float,
+    moving_mean: np.ndarray,
+    moving_var: np.ndarray,
+    momentum: float,
+    rest: float,
+) -> Optional[Tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]]: ...
 def openmp_enabled() -> bool: ...
 def omp_max_threads() -> int: ...
 def num_procs() -> int: ...

@@ -1,9 +1,10 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 """Thin wrappers over the C kernels of src_c/bn_cy.h.
 
-The callers (bn_cy.ops only) have already validated arguments: arrays of a supported dtype in
-native byte order, a non-negative axis, float32/float64 per-channel vectors of the right length, a
-mask of the compute dtype shaped like x without the feature axis. The one exception are the
+The callers (bn_cy.ops; bn_cy.layer for its common training call) have already validated
+arguments: arrays of a supported dtype in native byte order, a non-negative axis, float32/float64
+per-channel vectors of the right length, a mask of the compute dtype shaped like x without the
+feature axis. The one exception are the
 `*_plain` entries at the end, which recognize the common calls themselves (and return None for
 anything else, which bn_cy.ops then validates). What happens here:
 
@@ -447,6 +448,40 @@ def batch_norm_train(cnp.ndarray x, int axis, object out, object mask, object ga
                      object beta, double eps, int n_threads):
     """Fused training forward; returns (y, mean, var), statistics as in moments()."""
     return _batch_norm_train(x, axis, out, mask, gamma, beta, eps, n_threads)
+
+
+def train_update(cnp.ndarray x, int axis, object gamma, object beta, double eps,
+                 cnp.ndarray moving_mean, cnp.ndarray moving_var, double momentum, double rest):
+    """The layer's common training call in one step: the fused forward as batch_norm_train runs
+    it with the default thread count, then moving = moving * momentum + batch * rest (as
+    ema_update) for the mean and the variance. Returns (y, mean, var, a copy of gamma or None).
+
+    Returns None, having done nothing, unless both moving arrays are writeable contiguous
+    vectors of native byte order, of the statistics' dtype (float64 for float64 x, else
+    float32) and of x.shape[axis] values."""
+    cdef int stat = cnp.NPY_FLOAT64 if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT64 else cnp.NPY_FLOAT32
+    cdef cnp.npy_intp c = cnp.PyArray_DIMS(x)[axis]
+    cdef cnp.ndarray m
+    for m in (moving_mean, moving_var):
+        if cnp.PyArray_TYPE(m) != stat or cnp.PyArray_SIZE(m) != c or not cnp.PyArray_ISCARRAY(m) \
+                or not cnp.PyArray_ISNOTSWAPPED(m):
+            return None
+    snapshot = None if gamma is None else cnp.PyArray_NewCopy(<cnp.ndarray>gamma, cnp.NPY_CORDER)
+    y, mean, var = _batch_norm_train(x, axis, None, None, gamma, beta, eps,
+                                     _call_threads(_threads_default()))
+    if stat == cnp.NPY_FLOAT32:
+        bncy_ema_f32(<float *>cnp.PyArray_DATA(moving_mean),
+                     <const float *>cnp.PyArray_DATA(<cnp.ndarray>mean), c, <float>momentum,
+                     <float>rest)
+        bncy_ema_f32(<float *>cnp.PyArray_DATA(moving_var),
+                     <const float *>cnp.PyArray_DATA(<cnp.ndarray>var), c, <float>momentum,
+                     <float>rest)
+    else:
+        bncy_ema_f64(<double *>cnp.PyArray_DATA(moving_mean),
+                     <const double *>cnp.PyArray_DATA(<cnp.ndarray>mean), c, momentum, rest)
+        bncy_ema_f64(<double *>cnp.PyArray_DATA(moving_var),
+                     <const double *>cnp.PyArray_DATA(<cnp.ndarray>var), c, momentum, rest)
+    return y, mean, var, snapshot
 
 
 cdef int _train_call(int kind, const void *px, bncy_strides xs, void *py, bncy_strides ys,

@@ -495,6 +495,7 @@ class BatchNormalization:
         self.skipped_updates = 0  # batches with non-finite statistics (skip_nonfinite_updates)
         self._communicator = None
         self._call_cache = None  # (shape, dtype, policy, compute dtype, work dtype, direct)
+        self._momentum_cache = None  # (momentum, work dtype, its two weights): _momentum_pair
         self._lock = threading.Lock()
         self._local = threading.local()
         self._last_forward = None
@@ -725,12 +726,38 @@ class BatchNormalization:
             self._call_cache = (x.shape, xdt, self._dtype_policy, xc.dtype, wd, direct)
         resolved_mask = None if mask is None else self._resolve_mask(mask, x.shape)
         if training and self._trainable:
-            with self._lock:
+            lock = self._lock  # acquire/release: cheaper than a with block in CPython
+            lock.acquire()
+            try:
                 if direct and resolved_mask is None and not self.renorm \
                         and not self.synchronized and self.virtual_batch_size is None:
+                    momentum = self.momentum
+                    done = None
+                    if momentum is not None and self.moving_variance_estimator == "biased" \
+                            and not self.skip_nonfinite_updates:
+                        # The common case: the forward and both moving updates in one compiled
+                        # call, with the arithmetic of the general path (_direct_train).
+                        pair = self._momentum_cache
+                        if pair is None or pair[0] != momentum or pair[1] is not wd:
+                            self._momentum_pair(wd)
+                            pair = self._momentum_cache
+                        done = _kernels.train_update(
+                            xc, self._axis_index, self.gamma if self.scale else None,
+                            self.beta if self.center else None, self.epsilon,
+                            self.moving_mean, self.moving_variance, pair[2], pair[3])
+                    if done is not None:
+                        self.num_batches_tracked += 1
+                        # what backward() needs, made into a _Forward there (see _forward)
+                        fwd = (xc, done[1], done[2], done[3], xdt)
+                        self._local.forward = fwd
+                        self._last_forward = fwd
+                        y = done[0]
+                        return y if y.dtype is cdt else y.astype(cdt)
                     y, fwd = self._direct_train(xc, wd)
                 else:
                     y, fwd = self._forward_train(xc, wd, resolved_mask)
+            finally:
+                lock.release()
         elif direct:
             # snapshots of the weights the backward needs (the kernels read float32 or float64
             # vectors as they are)
@@ -997,7 +1024,7 @@ class BatchNormalization:
         if momentum is None:  # cumulative average: the n-th batch has weight 1/n
             n = self.num_batches_tracked + 1
             return wd.type(1.0 - 1.0 / n), wd.type(1.0 / n)
-        cached = self.__dict__.get("_momentum_cache")
+        cached = self._momentum_cache
         if cached is not None and cached[0] == momentum and cached[1] is wd:
             return cached[2], cached[3]
         pair = wd.type(momentum), wd.type(1.0 - momentum)
@@ -1053,6 +1080,17 @@ class BatchNormalization:
 
     # -- backward -------------------------------------------------------------------------
 
+    def _forward(self):
+        """The record of this thread's latest call (else of the latest call of any thread) as a
+        _Forward, or None. The common training call leaves the tuple (x, mean, variance, gamma,
+        input dtype) of a plain batch-statistics forward, which is made a _Forward here."""
+        fwd = getattr(self._local, "forward", None) or self._last_forward
+        if type(fwd) is tuple:
+            x, mean, variance, gamma, input_dtype = fwd
+            fwd = _Forward(x=x, mean=mean, variance=variance, gamma=gamma, batch_stats=True)
+            fwd.input_dtype = input_dtype
+        return fwd
+
     def backward(self, dy):
         """Gradient of the latest call: returns dx and sets :attr:`gradients`.
 
@@ -1064,7 +1102,7 @@ class BatchNormalization:
         training call, dx is that of the global batch (one collective: every rank must call
         backward) and the gradients are this rank's contributions (sum them over the ranks).
         """
-        fwd = getattr(self._local, "forward", None) or self._last_forward
+        fwd = self._forward()
         if fwd is None:
             raise NoForwardError(
                 "backward() needs a forward call first: call the layer on a batch, then pass "
@@ -1637,6 +1675,7 @@ class BatchNormalization:
         self.__dict__.update(state)
         self._communicator = None  # communicators are per process: never pickled
         self._call_cache = None
+        self._momentum_cache = None
         self._lock = threading.Lock()
         self._local = threading.local()
         self._last_forward = None

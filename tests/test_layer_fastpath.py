@@ -69,3 +69,46 @@ def test_momentum_change_after_calls_is_used():
     layer.momentum = 0.0
     layer(x, training=True)
     np.testing.assert_allclose(layer.moving_mean, x.mean(0), rtol=1e-13)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_moving_arrays_the_compiled_update_cannot_take(dtype):
+    # The common training call updates contiguous moving arrays in the compiled call; moving
+    # arrays a user replaced with strided views go the general way, with the same arithmetic,
+    # in place (the views' bases change), and the batch is counted either way.
+    rng = np.random.default_rng(2)
+    x = (rng.standard_normal((16, 5)) * 2 - 1).astype(dtype)
+    policy = np.dtype(dtype).name
+    layer = BatchNormalization(momentum=0.6, dtype=policy)
+    layer.build(x.shape)
+    base_mean, base_var = np.zeros(10, dtype), np.ones(10, dtype)
+    layer.moving_mean, layer.moving_variance = base_mean[::2], base_var[::2]
+    y = layer(x, training=True)
+    ry, rm, rv = bn_cy.batch_norm_train(x, layer.gamma, layer.beta, epsilon=1e-3)
+    np.testing.assert_array_equal(y, ry)
+    mom, rest = np.dtype(dtype).type(0.6), np.dtype(dtype).type(1 - 0.6)
+    np.testing.assert_array_equal(base_mean[::2], np.zeros(5, dtype) * mom + rm * rest)
+    np.testing.assert_array_equal(base_var[::2], np.ones(5, dtype) * mom + rv * rest)
+    np.testing.assert_array_equal(base_mean[1::2], 0)
+    assert layer.num_batches_tracked == 1
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    np.testing.assert_array_equal(
+        layer.backward(dy), bn_cy.batch_norm_backward(dy, x, rm, rv, layer.gamma)[0])
+
+
+def test_backward_after_the_common_training_call_uses_its_gamma():
+    # The compiled training call keeps a copy of gamma for the backward: an update of gamma
+    # in between (an optimizer step) does not change the gradient of the call made before it.
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((12, 4)).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    layer = BatchNormalization(gamma_initializer="random_normal")
+    layer(x, training=True)
+    gamma = layer.gamma.copy()
+    _, rm, rv = bn_cy.batch_norm_train(x, gamma, layer.beta, epsilon=1e-3)
+    layer.gamma -= 0.5
+    dx = layer.backward(dy)
+    rdx, rdg, rdb = bn_cy.batch_norm_backward(dy, x, rm, rv, gamma, epsilon=1e-3)
+    np.testing.assert_array_equal(dx, rdx)
+    np.testing.assert_array_equal(layer.gradients[0], rdg)
+    assert layer.backward(dy).dtype == np.float32
