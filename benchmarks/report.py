@@ -774,6 +774,7 @@ class Report:
         self.times = {}  # (mode, case, dtype, threads) -> {peer: seconds or None}
         self.passes = {}  # (case, dtype, threads) -> {pass: (seconds, impl)}
         self.layer_times = {}  # (case, dtype, threads) -> {peer: seconds}
+        self.scaling = {}  # (mode, case, dtype, threads) -> bn_cy at fewest threads / at threads
         self.memory = []  # rows
         self.notes = []
         self.lines = []
@@ -843,12 +844,28 @@ class Report:
                     with layer_threads(fns.get("bn_cy")):
                         times = self._times(fns)
                     self.layer_times[(case.name, dtype, threads)] = times
+            if len(args.threads) > 1:
+                self.measure_scaling(inputs)
             if args.memory and not case.large:
                 self.measure_memory(inputs)
         finally:
             inputs.close()
             del inputs
             gc.collect()
+
+    def measure_scaling(self, inputs):
+        """bn_cy's speedup per mode: its call (out= where the mode has one) at each thread count,
+        timed round-robin in one set, so that the machine's speed drifting between the
+        per-thread-count sets above does not enter the ratio."""
+        case, dtype, threads = inputs.case, inputs.dtype.name, self.args.threads
+        for mode in self.args.modes:
+            peer = "bn_cy_out" if "bn_cy_out" in PEERS[mode] else "bn_cy"
+            fns = {t: peer_function(mode, peer, inputs, t) for t in threads}
+            times = self._times(fns)
+            for t in threads:
+                if t != min(threads):
+                    self.scaling[(mode, case.name, dtype, t)] = _ratio(times[min(threads)],
+                                                                       times[t])
 
     def measure_memory(self, inputs):
         case, threads = inputs.case, max(self.args.threads)
@@ -887,6 +904,8 @@ class Report:
         lo = min(self.args.threads)
         if threads == lo:
             return None
+        if (mode, case, dtype, threads) in self.scaling:
+            return self.scaling[(mode, case, dtype, threads)]
         a = self.times.get((mode, case, dtype, lo))
         b = self.times.get((mode, case, dtype, threads))
         if not a or not b:
@@ -1075,7 +1094,8 @@ class Report:
             "faster.\n"
             + self.placement_line()
             + "- `bn_cy/torch` compares the allocating calls; `out=/floor` uses the out= call; "
-            "`speedup` is bn_cy's time (out= where it exists) at 1 thread over thr threads."
+            "`speedup` is bn_cy's time (out= where it exists) at 1 thread over thr threads, "
+            "both timed round-robin in one set of their own."
         )
         out.append("")
         for mode in self.args.modes:
