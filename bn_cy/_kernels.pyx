@@ -456,12 +456,15 @@ def train_update(cnp.ndarray x, int axis, object gamma, object beta, double eps,
     it with the default thread count, then moving = moving * momentum + batch * rest (as
     ema_update) for the mean and the variance. Returns (y, mean, var, a copy of gamma or None).
 
-    Returns None, having done nothing, unless both moving arrays are writeable contiguous
-    vectors of native byte order, of the statistics' dtype (float64 for float64 x, else
-    float32) and of x.shape[axis] values."""
+    Returns None, having done nothing, unless gamma and beta are None or vectors as the plain
+    calls take them (float32/float64 ndarrays of native byte order and x.shape[axis] values),
+    and both moving arrays are writeable contiguous vectors of native byte order, of the
+    statistics' dtype (float64 for float64 x, else float32) and of x.shape[axis] values."""
     cdef int stat = cnp.NPY_FLOAT64 if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT64 else cnp.NPY_FLOAT32
     cdef cnp.npy_intp c = cnp.PyArray_DIMS(x)[axis]
     cdef cnp.ndarray m
+    if not (_plain_vec(gamma, c) and _plain_vec(beta, c)):
+        return None
     for m in (moving_mean, moving_var):
         if cnp.PyArray_TYPE(m) != stat or cnp.PyArray_SIZE(m) != c or not cnp.PyArray_ISCARRAY(m) \
                 or not cnp.PyArray_ISNOTSWAPPED(m):

@@ -765,9 +765,10 @@ class BatchNormalization:
                 gamma = self.gamma.copy() if self.scale else None
                 mean = self.moving_mean.copy()
                 variance = self.moving_variance.copy()
-                y = _ops._batch_norm_prevalidated(xc, self._axis_index, mean, variance, gamma,
-                                                  self.beta if self.center else None,
-                                                  self.epsilon)
+                # the public op: its plain-call check is done in the extension, and a weight
+                # a user replaced with a wrong shape gets its error message there
+                y = batch_norm(xc, mean, variance, gamma, self.beta if self.center else None,
+                               axis=self._axis_index, epsilon=self.epsilon)
             fwd = _Forward(x=xc, mean=mean, variance=variance, gamma=gamma, batch_stats=False)
         else:
             with self._lock:
@@ -813,8 +814,8 @@ class BatchNormalization:
         """Unmasked training call without renorm, synchronization or ghost batches: the fused
         kernel, as :func:`~bn_cy.batch_norm_train` would call it; runs under the lock."""
         gamma = self.gamma.copy() if self.scale else None  # a snapshot for the backward
-        y, mean, variance = _ops._batch_norm_train_prevalidated(
-            xc, self._axis_index, gamma, self.beta if self.center else None, self.epsilon)
+        y, mean, variance = batch_norm_train(xc, gamma, self.beta if self.center else None,
+                                             axis=self._axis_index, epsilon=self.epsilon)
         # statistics in the work dtype, as the ops return them
         if mean.dtype is not wd:
             mean, variance = mean.astype(wd), variance.astype(wd)

@@ -449,20 +449,3 @@ def batch_norm_backward(dy, x, mean, variance, gamma=None, *, axis=-1, epsilon=1
             dgamma = sdyx / np.sqrt(v.astype(np.float64) + eps) if x.size else np.zeros(c)
         return (dx,) + _stats(dgamma, sdy, x.dtype)
     return _kernels.batch_norm_backward(dy, x, ax, out, w, m, v, g, eps, bool(training), nt)
-
-
-# ---------------------------------------------------------------------------------------------
-# Entry points for callers that validated everything themselves (the layer's per-shape cached
-# fast path): x a native float16/32/64 ndarray, 0 <= axis < x.ndim, per-channel vectors
-# contiguous float64 of the right length or None. No checks here.
-# ---------------------------------------------------------------------------------------------
-
-
-def _batch_norm_prevalidated(x, axis, mean, variance, gamma, beta, epsilon):
-    return _kernels.batch_norm(x, axis, None, mean, variance, gamma, beta, epsilon,
-                               _threads_for_call(None))
-
-
-def _batch_norm_train_prevalidated(x, axis, gamma, beta, epsilon):
-    return _kernels.batch_norm_train(x, axis, None, None, gamma, beta, epsilon,
-                                     _threads_for_call(None))

@@ -112,3 +112,24 @@ def test_backward_after_the_common_training_call_uses_its_gamma():
     np.testing.assert_array_equal(dx, rdx)
     np.testing.assert_array_equal(layer.gradients[0], rdg)
     assert layer.backward(dy).dtype == np.float32
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_replaced_weights_are_checked(training):
+    # The hot paths trust the layer's own weights; a weight a user replaced goes through the
+    # ops' checks: a wrong length is an error naming it, a list is taken as an array.
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((8, 3)).astype(np.float32)
+    layer = BatchNormalization()
+    layer(x, training=True)
+    for bad in (np.ones(4, np.float32), np.ones(2, np.float32), np.ones((3, 1), np.float32)):
+        layer.gamma = bad
+        with pytest.raises(ValueError, match="gamma"):
+            layer(x, training=training)
+    layer.gamma = [1.0, 2.0, 3.0]
+    expected = layer(x, training=training)
+    layer.gamma = np.array([1.0, 2.0, 3.0], np.float32)
+    np.testing.assert_array_equal(layer(x, training=training), expected)
+    layer.moving_mean = np.zeros(2, np.float32)
+    with pytest.raises(ValueError):
+        layer(x, training=training)
