@@ -901,16 +901,7 @@ class Report:
         return row.get("bn_cy_out", row.get("bn_cy"))
 
     def speedup(self, mode, case, dtype, threads):
-        lo = min(self.args.threads)
-        if threads == lo:
-            return None
-        if (mode, case, dtype, threads) in self.scaling:
-            return self.scaling[(mode, case, dtype, threads)]
-        a = self.times.get((mode, case, dtype, lo))
-        b = self.times.get((mode, case, dtype, threads))
-        if not a or not b:
-            return None
-        return _ratio(self._bn_best(a), self._bn_best(b))
+        return self.scaling.get((mode, case, dtype, threads))  # None at the fewest threads
 
     def mode_table(self, mode):
         peers = [p for p in PEERS[mode] if any(p in r for (m, *_), r in self.times.items() if m == mode)]

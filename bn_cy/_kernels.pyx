@@ -4,9 +4,9 @@
 The callers (bn_cy.ops; bn_cy.layer for its common training call) have already validated
 arguments: arrays of a supported dtype in native byte order, a non-negative axis, float32/float64
 per-channel vectors of the right length, a mask of the compute dtype shaped like x without the
-feature axis. The one exception are the
-`*_plain` entries at the end, which recognize the common calls themselves (and return None for
-anything else, which bn_cy.ops then validates). What happens here:
+feature axis. The exceptions are `train_update` and the `*_plain` entries at the end, which
+recognize the calls they take themselves (and return None for anything else, which the caller
+then validates or computes another way). What happens here:
 
 * the layout is resolved into the canonical (outer, chan, inner) view, either in the array's own
   dimension order or in reversed order (an F-ordered array is C-ordered reversed); an array whose
@@ -291,22 +291,35 @@ cdef const double *_vec(object v, list keep, double *room=NULL) except? NULL:
     return <const double *>cnp.PyArray_DATA(d)
 
 
-def ema_update(cnp.ndarray moving, cnp.ndarray batch, double momentum, double rest):
-    """moving = moving * momentum + batch * rest, in place, in moving's dtype. Returns False
-    (and does nothing) unless both are contiguous native float32, or float64, of one length."""
-    cdef int t = cnp.PyArray_TYPE(moving)
+cdef bint _ema_operand(cnp.ndarray a, int t, cnp.npy_intp n, bint write):
+    """Whether `a` is a contiguous vector of native byte order, of type t and n values (and
+    writeable, if `write`): what _ema takes."""
+    return (cnp.PyArray_TYPE(a) == t and cnp.PyArray_SIZE(a) == n
+            and (cnp.PyArray_ISCARRAY(a) if write else cnp.PyArray_ISCARRAY_RO(a))
+            and cnp.PyArray_ISNOTSWAPPED(a))
+
+
+cdef void _ema(cnp.ndarray moving, cnp.ndarray batch, double momentum, double rest):
+    """moving = moving * momentum + batch * rest in place: both _ema_operand of one float32 or
+    float64 type and length."""
     cdef int64_t n = cnp.PyArray_SIZE(moving)
-    if (t != cnp.NPY_FLOAT32 and t != cnp.NPY_FLOAT64) or cnp.PyArray_TYPE(batch) != t \
-            or n != cnp.PyArray_SIZE(batch) or not cnp.PyArray_ISCARRAY(moving) \
-            or not cnp.PyArray_ISCARRAY_RO(batch) or not cnp.PyArray_ISNOTSWAPPED(moving) \
-            or not cnp.PyArray_ISNOTSWAPPED(batch):
-        return False
-    if t == cnp.NPY_FLOAT32:
+    if cnp.PyArray_TYPE(moving) == cnp.NPY_FLOAT32:
         bncy_ema_f32(<float *>cnp.PyArray_DATA(moving), <const float *>cnp.PyArray_DATA(batch),
                      n, <float>momentum, <float>rest)
     else:
         bncy_ema_f64(<double *>cnp.PyArray_DATA(moving),
                      <const double *>cnp.PyArray_DATA(batch), n, momentum, rest)
+
+
+def ema_update(cnp.ndarray moving, cnp.ndarray batch, double momentum, double rest):
+    """moving = moving * momentum + batch * rest, in place, in moving's dtype. Returns False
+    (and does nothing) unless both are contiguous native float32, or float64, of one length."""
+    cdef int t = cnp.PyArray_TYPE(moving)
+    cdef cnp.npy_intp n = cnp.PyArray_SIZE(moving)
+    if (t != cnp.NPY_FLOAT32 and t != cnp.NPY_FLOAT64) or not _ema_operand(moving, t, n, True) \
+            or not _ema_operand(batch, t, n, False):
+        return False
+    _ema(moving, batch, momentum, rest)
     return True
 
 
@@ -462,28 +475,15 @@ def train_update(cnp.ndarray x, int axis, object gamma, object beta, double eps,
     statistics' dtype (float64 for float64 x, else float32) and of x.shape[axis] values."""
     cdef int stat = cnp.NPY_FLOAT64 if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT64 else cnp.NPY_FLOAT32
     cdef cnp.npy_intp c = cnp.PyArray_DIMS(x)[axis]
-    cdef cnp.ndarray m
-    if not (_plain_vec(gamma, c) and _plain_vec(beta, c)):
+    if not (_plain_vec(gamma, c) and _plain_vec(beta, c)
+            and _ema_operand(moving_mean, stat, c, True)
+            and _ema_operand(moving_var, stat, c, True)):
         return None
-    for m in (moving_mean, moving_var):
-        if cnp.PyArray_TYPE(m) != stat or cnp.PyArray_SIZE(m) != c or not cnp.PyArray_ISCARRAY(m) \
-                or not cnp.PyArray_ISNOTSWAPPED(m):
-            return None
     snapshot = None if gamma is None else cnp.PyArray_NewCopy(<cnp.ndarray>gamma, cnp.NPY_CORDER)
     y, mean, var = _batch_norm_train(x, axis, None, None, gamma, beta, eps,
                                      _call_threads(_threads_default()))
-    if stat == cnp.NPY_FLOAT32:
-        bncy_ema_f32(<float *>cnp.PyArray_DATA(moving_mean),
-                     <const float *>cnp.PyArray_DATA(<cnp.ndarray>mean), c, <float>momentum,
-                     <float>rest)
-        bncy_ema_f32(<float *>cnp.PyArray_DATA(moving_var),
-                     <const float *>cnp.PyArray_DATA(<cnp.ndarray>var), c, <float>momentum,
-                     <float>rest)
-    else:
-        bncy_ema_f64(<double *>cnp.PyArray_DATA(moving_mean),
-                     <const double *>cnp.PyArray_DATA(<cnp.ndarray>mean), c, momentum, rest)
-        bncy_ema_f64(<double *>cnp.PyArray_DATA(moving_var),
-                     <const double *>cnp.PyArray_DATA(<cnp.ndarray>var), c, momentum, rest)
+    _ema(moving_mean, <cnp.ndarray>mean, momentum, rest)
+    _ema(moving_var, <cnp.ndarray>var, momentum, rest)
     return y, mean, var, snapshot
 
 

@@ -731,20 +731,16 @@ class BatchNormalization:
             try:
                 if direct and resolved_mask is None and not self.renorm \
                         and not self.synchronized and self.virtual_batch_size is None:
-                    momentum = self.momentum
                     done = None
-                    if momentum is not None and self.moving_variance_estimator == "biased" \
+                    if self.momentum is not None and self.moving_variance_estimator == "biased" \
                             and not self.skip_nonfinite_updates:
                         # The common case: the forward and both moving updates in one compiled
                         # call, with the arithmetic of the general path (_direct_train).
-                        pair = self._momentum_cache
-                        if pair is None or pair[0] != momentum or pair[1] is not wd:
-                            self._momentum_pair(wd)
-                            pair = self._momentum_cache
+                        mom, rest = self._momentum_pair(wd)
                         done = _kernels.train_update(
                             xc, self._axis_index, self.gamma if self.scale else None,
                             self.beta if self.center else None, self.epsilon,
-                            self.moving_mean, self.moving_variance, pair[2], pair[3])
+                            self.moving_mean, self.moving_variance, mom, rest)
                     if done is not None:
                         self.num_batches_tracked += 1
                         # what backward() needs, made into a _Forward there (see _forward)
@@ -752,7 +748,7 @@ class BatchNormalization:
                         self._local.forward = fwd
                         self._last_forward = fwd
                         y = done[0]
-                        return y if y.dtype is cdt else y.astype(cdt)
+                        return y if y.dtype == cdt else y.astype(cdt)
                     y, fwd = self._direct_train(xc, wd)
                 else:
                     y, fwd = self._forward_train(xc, wd, resolved_mask)
