@@ -48,8 +48,8 @@ def train_update(
     gamma: Optional[np.ndarray],
     beta: Optional[np.ndarray],
     eps: float,
-    moving_mean: np.ndarray,
-    moving_var: np.ndarray,
+    moving_mean: object,
+    moving_var: object,
     momentum: float,
     rest: float,
 ) -> Optional[Tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]]: ...

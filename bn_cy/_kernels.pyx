@@ -292,9 +292,9 @@ cdef const double *_vec(object v, list keep, double *room=NULL) except? NULL:
 
 
 cdef bint _ema_operand(cnp.ndarray a, int t, cnp.npy_intp n, bint write):
-    """Whether `a` is a contiguous vector of native byte order, of type t and n values (and
-    writeable, if `write`): what _ema takes."""
-    return (cnp.PyArray_TYPE(a) == t and cnp.PyArray_SIZE(a) == n
+    """Whether `a` is a contiguous 1-D vector of native byte order, of type t and n values
+    (and writeable, if `write`): what _ema takes."""
+    return (cnp.PyArray_TYPE(a) == t and cnp.PyArray_NDIM(a) == 1 and cnp.PyArray_SIZE(a) == n
             and (cnp.PyArray_ISCARRAY(a) if write else cnp.PyArray_ISCARRAY_RO(a))
             and cnp.PyArray_ISNOTSWAPPED(a))
 
@@ -464,26 +464,27 @@ def batch_norm_train(cnp.ndarray x, int axis, object out, object mask, object ga
 
 
 def train_update(cnp.ndarray x, int axis, object gamma, object beta, double eps,
-                 cnp.ndarray moving_mean, cnp.ndarray moving_var, double momentum, double rest):
+                 object moving_mean, object moving_var, double momentum, double rest):
     """The layer's common training call in one step: the fused forward as batch_norm_train runs
     it with the default thread count, then moving = moving * momentum + batch * rest (as
     ema_update) for the mean and the variance. Returns (y, mean, var, a copy of gamma or None).
 
     Returns None, having done nothing, unless gamma and beta are None or vectors as the plain
     calls take them (float32/float64 ndarrays of native byte order and x.shape[axis] values),
-    and both moving arrays are writeable contiguous vectors of native byte order, of the
+    and both moving arrays are writeable contiguous 1-D ndarrays of native byte order, of the
     statistics' dtype (float64 for float64 x, else float32) and of x.shape[axis] values."""
     cdef int stat = cnp.NPY_FLOAT64 if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT64 else cnp.NPY_FLOAT32
     cdef cnp.npy_intp c = cnp.PyArray_DIMS(x)[axis]
     if not (_plain_vec(gamma, c) and _plain_vec(beta, c)
-            and _ema_operand(moving_mean, stat, c, True)
-            and _ema_operand(moving_var, stat, c, True)):
+            and isinstance(moving_mean, cnp.ndarray) and isinstance(moving_var, cnp.ndarray)
+            and _ema_operand(<cnp.ndarray>moving_mean, stat, c, True)
+            and _ema_operand(<cnp.ndarray>moving_var, stat, c, True)):
         return None
     snapshot = None if gamma is None else cnp.PyArray_NewCopy(<cnp.ndarray>gamma, cnp.NPY_CORDER)
     y, mean, var = _batch_norm_train(x, axis, None, None, gamma, beta, eps,
                                      _call_threads(_threads_default()))
-    _ema(moving_mean, <cnp.ndarray>mean, momentum, rest)
-    _ema(moving_var, <cnp.ndarray>var, momentum, rest)
+    _ema(<cnp.ndarray>moving_mean, <cnp.ndarray>mean, momentum, rest)
+    _ema(<cnp.ndarray>moving_var, <cnp.ndarray>var, momentum, rest)
     return y, mean, var, snapshot
 
 

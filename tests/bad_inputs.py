@@ -384,6 +384,16 @@ def _layer_rows():
                  "dy must hold real numbers",
                  lambda a: _method(built(a), "backward", a["dy"].astype(np.complex64))),
         # weights and config
+        call_row(("layer(inputs)",), "moving_mean", "replaced by one of the wrong shape",
+                 ValueError, "moving_mean of layer 'batch_normalization' must have shape (4,)",
+                 lambda a: _method(_replaced(built(a, name="batch_normalization"),
+                                             "moving_mean", np.zeros(3, np.float32)),
+                                   "__call__", a["x"])),
+        call_row(("layer(inputs, training=True)",), "moving_variance",
+                 "replaced by a list (not updatable in place)", ATE,
+                 "moving_variance of layer 'batch_normalization' must be a NumPy array",
+                 lambda a: _training_call(_replaced(built(a, name="batch_normalization"),
+                                                    "moving_variance", [1.0] * C), a["x"])),
         call_row(("layer.set_weights(w)",), "w", "wrong number of arrays", ValueError,
                  "got 1 weights, but the layer has 4",
                  lambda a: _method(built(a), "set_weights", [np.ones(C)])),
@@ -408,6 +418,15 @@ def _layer_rows():
 
 def _layer_call(layer, x, **kw):
     return layer, (x,), kw, [layer]
+
+
+def _replaced(layer, name, value):
+    setattr(layer, name, value)
+    return layer
+
+
+def _training_call(layer, x):
+    return layer, (x,), {"training": True}, [layer]
 
 
 def _method(layer, name, *args):

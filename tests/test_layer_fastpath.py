@@ -133,3 +133,39 @@ def test_replaced_weights_are_checked(training):
     layer.moving_mean = np.zeros(2, np.float32)
     with pytest.raises(ValueError):
         layer(x, training=training)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("name", ["moving_mean", "moving_variance"])
+def test_replaced_moving_statistics_are_checked(name, training):
+    # A moving statistic a user replaced with something the layer cannot use (or, in training,
+    # cannot update in place) is an error naming it, raised before anything is updated.
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((8, 3)).astype(np.float32)
+    cases = [(np.zeros(2, np.float32), ValueError, "shape"),
+             (np.zeros(4, np.float32), ValueError, "shape"),
+             (np.zeros((3, 1), np.float32), ValueError, "shape")]
+    if training:
+        read_only = np.zeros(3, np.float32)
+        read_only.flags.writeable = False
+        cases += [([0.0, 0.0, 0.0], TypeError, "NumPy array"),
+                  (np.zeros(3, np.int64), TypeError, "floating-point"),
+                  (read_only, ValueError, "read-only")]
+    for bad, error, what in cases:
+        layer = BatchNormalization(name="bn")
+        layer(x, training=True)
+        other = "moving_variance" if name == "moving_mean" else "moving_mean"
+        kept = getattr(layer, other).copy()
+        tracked = layer.num_batches_tracked
+        setattr(layer, name, bad)
+        with pytest.raises(error, match="%s of layer 'bn'.*%s" % (name, what)):
+            layer(x, training=training)
+        np.testing.assert_array_equal(getattr(layer, other), kept)
+        assert layer.num_batches_tracked == tracked
+    # what inference can read, it takes as its values: a list, an integer array
+    if not training:
+        layer = BatchNormalization()
+        layer(x, training=True)
+        expected = layer(x, training=False)
+        setattr(layer, name, getattr(layer, name).tolist())
+        np.testing.assert_allclose(layer(x, training=False), expected, rtol=1e-6)
