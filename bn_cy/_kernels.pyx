@@ -313,7 +313,8 @@ cdef void _ema(cnp.ndarray moving, cnp.ndarray batch, double momentum, double re
 
 def ema_update(cnp.ndarray moving, cnp.ndarray batch, double momentum, double rest):
     """moving = moving * momentum + batch * rest, in place, in moving's dtype. Returns False
-    (and does nothing) unless both are contiguous native float32, or float64, of one length."""
+    (and does nothing) unless both are contiguous 1-D native float32, or float64, of one
+    length."""
     cdef int t = cnp.PyArray_TYPE(moving)
     cdef cnp.npy_intp n = cnp.PyArray_SIZE(moving)
     if (t != cnp.NPY_FLOAT32 and t != cnp.NPY_FLOAT64) or not _ema_operand(moving, t, n, True) \

@@ -669,28 +669,28 @@ class BatchNormalization:
     def _check_state(self, channels, write=True):
         """Raise, naming the attribute, where a moving statistic a user replaced cannot be
         read (or, with `write`, updated in place) for inputs of `channels` features: it must
-        be a floating-point NumPy array of shape (channels,), writeable for an update. Called
-        by the paths that do not check it themselves, before anything is updated."""
+        hold real numbers in shape (channels,), and for an update be a writeable
+        floating-point NumPy array. Called by the paths that do not check it themselves,
+        before anything is updated."""
         for name in self._weight_names:
             if name in ("gamma", "beta"):  # checked by the ops, as their arguments
                 continue
             a = getattr(self, name)
-            if not isinstance(a, np.ndarray):
+            what = "%s of layer %r" % (name, self.name)
+            if write and not isinstance(a, np.ndarray):
                 raise ArgumentTypeError(
-                    "%s of layer %r must be a NumPy array of shape (%d,), got %s (the layer "
-                    "updates it in place; set_weights replaces its values)"
-                    % (name, self.name, channels, type(a).__name__))
-            if a.dtype.kind != "f" and a.dtype.name != "bfloat16":
-                raise ArgumentTypeError(
-                    "%s of layer %r must have a floating-point dtype, got %s"
-                    % (name, self.name, a.dtype))
+                    "%s must be a NumPy array of shape (%d,), got %s (a training call updates "
+                    "it in place; set_weights replaces its values)"
+                    % (what, channels, type(a).__name__))
+            a = _real_array(a, what)
+            if write and a.dtype.kind != "f" and a.dtype.name != "bfloat16":
+                raise ArgumentTypeError("%s must have a floating-point dtype, got %s"
+                                        % (what, a.dtype))
             if a.shape != (channels,):
-                raise ValueError(
-                    "%s of layer %r must have shape (%d,) to match the inputs' %d features, "
-                    "got shape %s" % (name, self.name, channels, channels, a.shape))
+                raise ValueError("%s must have shape (%d,) to match the inputs' %d features, "
+                                 "got shape %s" % (what, channels, channels, a.shape))
             if write and not a.flags.writeable:
-                raise ValueError("%s of layer %r is read-only: a training call updates it in "
-                                 "place" % (name, self.name))
+                raise ValueError("%s is read-only: a training call updates it in place" % what)
 
     def _check_shape(self, shape):
         built = self._build_input_shape
@@ -790,13 +790,13 @@ class BatchNormalization:
                 mean = self.moving_mean.copy()
                 variance = self.moving_variance.copy()
                 # the public op: its plain-call check is done in the extension, and a weight
-                # a user replaced with a wrong shape gets its error message there (for a
-                # moving statistic, one naming the attribute)
+                # a user replaced with something it cannot take gets its error message there
+                # (for a moving statistic, one naming the attribute)
                 try:
                     y = batch_norm(xc, mean, variance, gamma,
                                    self.beta if self.center else None,
                                    axis=self._axis_index, epsilon=self.epsilon)
-                except ValueError:  # TypeErrors of the ops are ArgumentTypeErrors too
+                except (TypeError, ValueError):
                     self._check_state(xc.shape[self._axis_index], write=False)
                     raise
             fwd = _Forward(x=xc, mean=mean, variance=variance, gamma=gamma, batch_stats=False)

@@ -145,6 +145,8 @@ def test_replaced_moving_statistics_are_checked(name, training):
     cases = [(np.zeros(2, np.float32), ValueError, "shape"),
              (np.zeros(4, np.float32), ValueError, "shape"),
              (np.zeros((3, 1), np.float32), ValueError, "shape")]
+    if not training:
+        cases += [(np.zeros(3, np.complex64), TypeError, "real numbers")]
     if training:
         read_only = np.zeros(3, np.float32)
         read_only.flags.writeable = False
@@ -167,5 +169,12 @@ def test_replaced_moving_statistics_are_checked(name, training):
         layer = BatchNormalization()
         layer(x, training=True)
         expected = layer(x, training=False)
-        setattr(layer, name, getattr(layer, name).tolist())
+        value = getattr(layer, name)
+        setattr(layer, name, value.tolist())
         np.testing.assert_allclose(layer(x, training=False), expected, rtol=1e-6)
+        setattr(layer, name, np.rint(value).astype(np.int64))
+        reference = BatchNormalization()
+        reference(x, training=True)
+        setattr(reference, name, np.rint(value).astype(np.float32))
+        np.testing.assert_allclose(layer(x, training=False), reference(x, training=False),
+                                   rtol=1e-6)
