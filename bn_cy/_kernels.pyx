@@ -894,5 +894,9 @@ def simd_compiled():
     return bncy_simd_compiled().decode().split(",")
 
 
+def llc_bytes():
+    return int(bncy_llc_bytes())
+
+
 def compiler():
     return bncy_compiler().decode()

@@ -128,6 +128,9 @@ def build_info():
         "openmp": _kernels.openmp_enabled(),
         "simd": _kernels.simd_level(),
         "simd_compiled": _kernels.simd_compiled(),
+        # one last-level cache as the CPU describes it (0: unknown); the kernels' choice of
+        # streaming stores depends on it
+        "last_level_cache_bytes": _kernels.llc_bytes(),
         "num_threads": get_num_threads(),
         "cores": _core_count(),
         "numpy": np.__version__,

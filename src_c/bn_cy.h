@@ -90,6 +90,7 @@ int bncy_omp_max_threads(void);     /* omp_get_max_threads(), or 1 without OpenM
 int bncy_num_procs(void);           /* omp_get_num_procs(), or 1 without OpenMP */
 const char *bncy_simd_level(void);  /* ISA variant chosen at run time: "avx2+fma" or "baseline" */
 const char *bncy_simd_compiled(void); /* comma-separated variants compiled in */
+double bncy_llc_bytes(void);         /* one last-level cache in bytes, from cpuid; 0: unknown */
 const char *bncy_compiler(void);    /* compiler name and version */
 
 #ifdef __cplusplus

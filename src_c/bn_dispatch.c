@@ -10,6 +10,18 @@
 
 #include "bn_internal.h"
 
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+#include <cpuid.h>
+#define BNCY_CPUID(leaf, sub, r) __cpuid_count((leaf), (sub), (r)[0], (r)[1], (r)[2], (r)[3])
+#define BNCY_HAVE_CPUID 1
+#elif defined(_MSC_VER) && (defined(_M_X64) || defined(_M_IX86))
+#include <intrin.h>
+#define BNCY_CPUID(leaf, sub, r) __cpuidex((int *)(r), (int)(leaf), (int)(sub))
+#define BNCY_HAVE_CPUID 1
+#else
+#define BNCY_HAVE_CPUID 0
+#endif
+
 #if defined(BNCY_HAVE_AVX2_VARIANT) && (defined(__GNUC__) || defined(__clang__))
 #define BNCY_DISPATCH_AVX2 1
 #else
@@ -169,6 +181,50 @@ void bncy_ema_f64(double *moving, const double *batch, int64_t n, double momentu
                   double rest) {
     int64_t i;
     for (i = 0; i < n; i++) moving[i] = moving[i] * momentum + batch[i] * rest;
+}
+
+#if BNCY_HAVE_CPUID
+/* The largest cache of the highest level described by cpuid's deterministic cache leaf (4 on
+   Intel, 0x8000001D on AMD and Hygon: the same layout), in bytes; 0 when the leaf is absent. */
+static double bncy_cpuid_cache_leaf(unsigned leaf) {
+    unsigned r[4], top;
+    double best = 0.0;
+    int level = 0, sub;
+    BNCY_CPUID(leaf & 0x80000000u, 0, r);
+    top = r[0];
+    if (top < leaf) return 0.0;
+    for (sub = 0; sub < 16; sub++) {
+        int type, lv;
+        double bytes;
+        BNCY_CPUID(leaf, (unsigned)sub, r);
+        type = (int)(r[0] & 31u);
+        if (type == 0) break; /* no more caches */
+        if (type == 2) continue; /* instruction cache */
+        lv = (int)((r[0] >> 5) & 7u);
+        bytes = (double)((r[1] >> 22) + 1) * (double)(((r[1] >> 12) & 1023u) + 1) *
+                (double)((r[1] & 4095u) + 1) * ((double)r[2] + 1.0);
+        if (lv > level || (lv == level && bytes > best)) {
+            level = lv;
+            best = bytes;
+        }
+    }
+    return best;
+}
+#endif
+
+/* The size of one last-level cache in bytes (shared by the cores under it), from cpuid on x86;
+   0 where unknown. Read once. */
+double bncy_llc_bytes(void) {
+    static double cached = -1.0;
+    if (cached < 0.0) {
+        double v = 0.0;
+#if BNCY_HAVE_CPUID
+        v = bncy_cpuid_cache_leaf(4u);
+        if (v <= 0.0) v = bncy_cpuid_cache_leaf(0x8000001Du);
+#endif
+        cached = v;
+    }
+    return cached;
 }
 
 int bncy_openmp_enabled(void) {

@@ -770,11 +770,12 @@ BNCY_INLINE void FN(plane_normalize_impl)(const T *xp, int64_t sxi, T *yp, int64
     }
 }
 
-/* Whether an elementwise pass over this shape streams its output (bn_stream.h): outputs of at
-   least bncy_stream_min_bytes(), for the dtypes and ISAs that have streaming stores. */
-BNCY_INLINE int FN(streams)(bncy_shape sh) {
-    return BNCY_T_STREAMS && (double)sh.outer * (double)sh.inner * (double)sh.chan * sizeof(T) >=
-                                 bncy_stream_min_bytes();
+/* Whether an elementwise pass over this shape reading n_in arrays streams its output
+   (bn_stream.h; the rule is bncy_stream_pass's), for the dtypes and ISAs that have streaming
+   stores. */
+BNCY_INLINE int FN(streams)(bncy_shape sh, int n_in) {
+    return BNCY_T_STREAMS &&
+           bncy_stream_pass((double)sh.outer * (double)sh.inner * (double)sh.chan * sizeof(T), n_in);
 }
 
 /* Whether flat rows of this shape keep one alignment from row to row (chan * sizeof(T) a
@@ -968,14 +969,15 @@ BNCY_INLINE int FN(norm_flat)(bncy_shape sh, bncy_strides xs, bncy_strides ys) {
 }
 
 /* The walk of an elementwise pass writing out: flat where flat is set (the flat rows walk
-   applies and its rotated constants have room), else rows or planes by x's family. unit_rows /
+   applies and its rotated constants have room), else rows or planes by x's family; n_in: the
+   arrays it reads, each of out's size (FN(streams)). unit_rows /
    unit_planes: every array has unit channel / inner strides; short_flat: runs of short planes
    may be walked flat (FN(planes_flat) holds). */
-static bncy_walk FN(walk_setup)(const T *out, bncy_shape sh, bncy_strides xs, int flat,
-                                int unit_rows, int unit_planes, int short_flat) {
+static bncy_walk FN(walk_setup)(const T *out, bncy_shape sh, bncy_strides xs, int n_in,
+                                int flat, int unit_rows, int unit_planes, int short_flat) {
     const int64_t C = sh.chan, M = sh.outer * sh.inner;
     bncy_walk w;
-    w.stream = FN(streams)(sh);
+    w.stream = FN(streams)(sh, n_in);
     w.k0 = w.nb = 0;
     w.rows = bncy_max64(1, BNCY_ELEM_BLOCK / C);
     w.n_units = bncy_cdiv(M, w.rows);
@@ -1000,7 +1002,7 @@ static bncy_walk FN(walk_setup)(const T *out, bncy_shape sh, bncy_strides xs, in
 /* The walk of the normalize; flat: FN(norm_flat) holds and the rotated constants have room. */
 static bncy_walk FN(norm_setup)(const T *y, bncy_shape sh, bncy_strides xs, bncy_strides ys,
                                 int flat) {
-    return FN(walk_setup)(y, sh, xs, flat, xs.chan == 1 && ys.chan == 1,
+    return FN(walk_setup)(y, sh, xs, 1, flat, xs.chan == 1 && ys.chan == 1,
                           xs.inner == 1 && ys.inner == 1,
                           FN(planes_flat)(sh, xs, ys));
 }
@@ -1154,7 +1156,7 @@ static int FN(train_fused)(const T *x, bncy_strides xs, T *y, bncy_strides ys, b
                            double *mean, double *var, int64_t cb, int n_threads) {
     const int64_t C = sh.chan, n_units = bncy_cdiv(C, cb);
     const bncy_plan plan = bncy_make_plan(sh, xs);
-    const int nt = bncy_threads_for(plan.M * C, n_threads), stream = FN(streams)(sh);
+    const int nt = bncy_threads_for(plan.M * C, n_threads), stream = FN(streams)(sh, 1);
     /* each unit's partials, [w | mean | m2] x G x (its channels), at 3 * G * c0 */
     double *part = (double *)malloc((size_t)(3 * plan.n_groups * C) * sizeof(double));
     int64_t u;
@@ -1689,7 +1691,7 @@ BNCY_INLINE int FN(dx_flat)(bncy_shape sh, bncy_strides dys, bncy_strides xs, bn
 /* The walk of the dx pass; flat: FN(dx_flat) holds and the rotated constants have room. */
 static bncy_walk FN(dx_setup)(const T *dx, bncy_shape sh, bncy_strides dys, bncy_strides xs,
                               bncy_strides dxs, int flat) {
-    return FN(walk_setup)(dx, sh, xs, flat, xs.chan == 1 && dys.chan == 1 && dxs.chan == 1,
+    return FN(walk_setup)(dx, sh, xs, 2, flat, xs.chan == 1 && dys.chan == 1 && dxs.chan == 1,
                           xs.inner == 1 && dys.inner == 1 && dxs.inner == 1, 0);
 }
 
@@ -1853,7 +1855,7 @@ static int FN(backward_fused)(const T *dy, bncy_strides dys, const T *x, bncy_st
     const int64_t C = sh.chan, M = sh.outer * sh.inner, n_units = bncy_cdiv(C, cb);
     const bncy_plan plan = bncy_make_plan(sh, xs);
     const double wtotal = training ? FN(weight_total)(mask, M) : 0.0;
-    const int nt = bncy_threads_for(M * C, n_threads), stream = FN(streams)(sh);
+    const int nt = bncy_threads_for(M * C, n_threads), stream = FN(streams)(sh, 2);
     CT *arr = (CT *)malloc((size_t)(5 * C) * sizeof(CT));
     int64_t u;
     if (!arr) return BNCY_ERR_NOMEM;

@@ -3,6 +3,7 @@ environment (in subprocesses), threadpoolctl, and a guard against builds that lo
 
 import json
 import os
+import platform
 import subprocess
 import sys
 
@@ -210,4 +211,39 @@ def test_build_info():
     assert info["num_threads"] == bn_cy.get_num_threads()
     assert info["simd_compiled"] and all(isinstance(s, str) for s in info["simd_compiled"])
     assert info["simd"] in info["simd_compiled"]
+    assert isinstance(info["last_level_cache_bytes"], int) and info["last_level_cache_bytes"] >= 0
     json.dumps(info)  # plain data
+
+
+def _sysfs_last_level_cache():
+    """The largest data/unified cache of the highest level Linux lists for cpu0, in bytes."""
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    best = None
+    for entry in sorted(os.listdir(base)) if os.path.isdir(base) else []:
+        try:
+            with open(os.path.join(base, entry, "level")) as f:
+                level = int(f.read())
+            with open(os.path.join(base, entry, "type")) as f:
+                kind = f.read().strip()
+            with open(os.path.join(base, entry, "size")) as f:
+                size = f.read().strip()
+        except (OSError, ValueError):
+            continue
+        if kind == "Instruction" or not size:
+            continue
+        scale = {"K": 1024, "M": 1024 ** 2, "G": 1024 ** 3}.get(size[-1], 1)
+        size = int(size.rstrip("KMG")) * scale
+        if best is None or (level, size) > best:
+            best = (level, size)
+    return None if best is None else best[1]
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"),
+                    reason="the cache size is read with cpuid, on x86 only")
+def test_last_level_cache_matches_the_kernel_s_listing():
+    """The size the kernels read from cpuid (and use for their streaming-store rule) is the one
+    Linux lists in sysfs, which it reads from the same cpuid leaves independently."""
+    expected = _sysfs_last_level_cache()
+    if expected is None:
+        pytest.skip("no cache listing in /sys (not Linux, or a VM that hides it)")
+    assert bn_cy.build_info()["last_level_cache_bytes"] == expected
