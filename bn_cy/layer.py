@@ -692,6 +692,19 @@ class BatchNormalization:
             if write and not a.flags.writeable:
                 raise ValueError("%s is read-only: a training call updates it in place" % what)
 
+    def _snapshots(self, *names):
+        """Copies, as NumPy arrays, of the named weights (gamma: None without scale) where one a
+        user replaced has no .copy() (the error path of the calls' snapshots); a value that does
+        not hold real numbers raises naming the attribute and the layer."""
+        out = []
+        for name in names:
+            w = getattr(self, name)
+            if name == "gamma" and not self.scale:
+                out.append(None)
+            else:
+                out.append(np.array(_real_array(w, "%s of layer %r" % (name, self.name))))
+        return out
+
     def _check_shape(self, shape):
         built = self._build_input_shape
         if len(shape) != len(built):
@@ -786,9 +799,13 @@ class BatchNormalization:
             # snapshots of the weights the backward needs (the kernels read float32 or float64
             # vectors as they are)
             with self._lock:
-                gamma = self.gamma.copy() if self.scale else None
-                mean = self.moving_mean.copy()
-                variance = self.moving_variance.copy()
+                try:
+                    gamma = self.gamma.copy() if self.scale else None
+                    mean = self.moving_mean.copy()
+                    variance = self.moving_variance.copy()
+                except AttributeError:  # a weight a user replaced with a tuple or the like
+                    gamma, mean, variance = self._snapshots("gamma", "moving_mean",
+                                                            "moving_variance")
                 # the public op: its plain-call check is done in the extension, and a weight
                 # a user replaced with something it cannot take gets its error message there
                 # (for a moving statistic, one naming the attribute)
@@ -843,7 +860,10 @@ class BatchNormalization:
     def _direct_train(self, xc, wd):
         """Unmasked training call without renorm, synchronization or ghost batches: the fused
         kernel, as :func:`~bn_cy.batch_norm_train` would call it; runs under the lock."""
-        gamma = self.gamma.copy() if self.scale else None  # a snapshot for the backward
+        try:
+            gamma = self.gamma.copy() if self.scale else None  # a snapshot for the backward
+        except AttributeError:  # a tuple or the like a user assigned
+            gamma, = self._snapshots("gamma")
         y, mean, variance = batch_norm_train(xc, gamma, self.beta if self.center else None,
                                              axis=self._axis_index, epsilon=self.epsilon)
         # statistics in the work dtype, as the ops return them

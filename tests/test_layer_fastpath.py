@@ -178,3 +178,38 @@ def test_replaced_moving_statistics_are_checked(name, training):
         setattr(reference, name, np.rint(value).astype(np.float32))
         np.testing.assert_allclose(layer(x, training=False), reference(x, training=False),
                                    rtol=1e-6)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_weights_replaced_by_tuples(training):
+    # A weight a user replaced with a tuple (no .copy(), unlike a list) is read as its values,
+    # and the backward of that call works; a tuple of non-numbers is an error naming it.
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((16, 3)).astype(np.float32)
+    dy = rng.standard_normal((16, 3)).astype(np.float32)
+    names = ["gamma"] if training else ["gamma", "moving_mean", "moving_variance"]
+    for name in names:
+        layer = BatchNormalization(name="bn")
+        layer(x, training=True)
+        reference = BatchNormalization()
+        reference(x, training=True)
+        value = (getattr(layer, name) + np.float32(0.5)).astype(np.float32)
+        setattr(reference, name, value.copy())
+        setattr(layer, name, tuple(float(v) for v in value))
+        y = layer(x, training=training)
+        np.testing.assert_array_equal(y, reference(x, training=training))
+        # independent float64 oracle of the same call
+        if training:
+            mean, var = x.mean(0, dtype=np.float64), x.var(0, dtype=np.float64)
+        else:
+            mean = np.asarray(reference.moving_mean, np.float64)
+            var = np.asarray(reference.moving_variance, np.float64)
+        want = ((x - mean) / np.sqrt(var + layer.epsilon) * np.asarray(reference.gamma, np.float64)
+                + np.asarray(reference.beta, np.float64))
+        np.testing.assert_allclose(y, want, rtol=2e-5, atol=2e-5)
+        np.testing.assert_array_equal(layer.backward(dy), reference.backward(dy))
+        for got, ref in zip(layer.gradients, reference.gradients):
+            np.testing.assert_array_equal(got, ref)
+        setattr(layer, name, ("a", "b", "c"))
+        with pytest.raises(TypeError, match="gamma|%s of layer 'bn'" % name):
+            layer(x, training=training)
