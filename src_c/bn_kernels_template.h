@@ -774,8 +774,8 @@ BNCY_INLINE void FN(plane_normalize_impl)(const T *xp, int64_t sxi, T *yp, int64
    (bn_stream.h; the rule is bncy_stream_pass's), for the dtypes and ISAs that have streaming
    stores. */
 BNCY_INLINE int FN(streams)(bncy_shape sh, int n_in) {
-    return BNCY_T_STREAMS &&
-           bncy_stream_pass((double)sh.outer * (double)sh.inner * (double)sh.chan * sizeof(T), n_in);
+    const double out_bytes = (double)sh.outer * (double)sh.inner * (double)sh.chan * sizeof(T);
+    return BNCY_T_STREAMS && bncy_stream_pass(out_bytes, n_in);
 }
 
 /* Whether flat rows of this shape keep one alignment from row to row (chan * sizeof(T) a
@@ -969,10 +969,10 @@ BNCY_INLINE int FN(norm_flat)(bncy_shape sh, bncy_strides xs, bncy_strides ys) {
 }
 
 /* The walk of an elementwise pass writing out: flat where flat is set (the flat rows walk
-   applies and its rotated constants have room), else rows or planes by x's family; n_in: the
-   arrays it reads, each of out's size (FN(streams)). unit_rows /
-   unit_planes: every array has unit channel / inner strides; short_flat: runs of short planes
-   may be walked flat (FN(planes_flat) holds). */
+   applies and its rotated constants have room), else rows or planes by x's family. n_in: the
+   arrays it reads, each of out's size (FN(streams)); unit_rows / unit_planes: every array has
+   unit channel / inner strides; short_flat: runs of short planes may be walked flat
+   (FN(planes_flat) holds). */
 static bncy_walk FN(walk_setup)(const T *out, bncy_shape sh, bncy_strides xs, int n_in,
                                 int flat, int unit_rows, int unit_planes, int short_flat) {
     const int64_t C = sh.chan, M = sh.outer * sh.inner;
