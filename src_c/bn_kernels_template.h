@@ -755,10 +755,18 @@ BNCY_INLINE void FN(rows_normalize_impl)(const T *x, bncy_strides xs, T *y, bncy
     }
 }
 
+/* Whether a plane run of n elements at p is peeled to an aligned output element (and maybe
+   streamed from there): long runs, and with streamed stores also a shorter run that starts
+   aligned and is whole lines (planes back to back of a line multiple, each aligned). */
+BNCY_INLINE int FN(plane_peels)(const T *p, int64_t n, int stream) {
+    return n >= BNCY_PEEL_MIN || (stream && (uintptr_t)p % BNCY_ALIGN == 0 &&
+                                  (n * (int64_t)sizeof(T)) % BNCY_ALIGN == 0);
+}
+
 BNCY_INLINE void FN(plane_normalize_impl)(const T *xp, int64_t sxi, T *yp, int64_t syi,
                                           int64_t n, CT hi, CT a, CT b, const int stream) {
     int64_t i = 0;
-    if (syi == 1 && n >= BNCY_PEEL_MIN) { /* up to the first aligned output element */
+    if (syi == 1 && FN(plane_peels)(yp, n, stream)) { /* up to the first aligned output */
         const int64_t k0 = bncy_peel(yp, (int64_t)sizeof(T), n);
         for (; i < k0; i++) STORE(yp + i, (LOAD(xp + i * sxi) - hi) * a + b);
         if (stream && sxi == 1 && (uintptr_t)(yp + i) % BNCY_ALIGN == 0)
@@ -919,12 +927,13 @@ BNCY_INLINE int FN(planes_flat)(bncy_shape sh, bncy_strides xs, bncy_strides ys)
    the first elements up to an aligned output address, then whole aligned vectors, each within
    one plane except the one that straddles two planes, whose lanes take the constants of their
    own plane. Every element gets the arithmetic of plane_normalize_impl with its plane's
-   constants, so the results are the same. */
+   constants, so the results are the same. With stream, the whole vectors within a plane are
+   streamed (the planes are shorter than plane_normalize_impl streams on its own). */
 static BNCY_NOINLINE void FN(plane_flat_normalize_unit)(const T *x, T *y, bncy_shape sh,
                                                         const CT *BNCY_RESTRICT hi,
                                                         const CT *BNCY_RESTRICT a,
                                                         const CT *BNCY_RESTRICT b, int64_t u,
-                                                        int64_t nb) {
+                                                        int64_t nb, int stream) {
     const int64_t L = sh.inner, C = sh.chan, V = BNCY_VLANES;
     int64_t q0, q1, i0, len, i, j, q, c;
     const T *BNCY_RESTRICT xf;
@@ -937,11 +946,13 @@ static BNCY_NOINLINE void FN(plane_flat_normalize_unit)(const T *x, T *y, bncy_s
     i = bncy_peel(yf, (int64_t)sizeof(T), n); /* < V <= L: all in the first plane */
     c = q0 % C;
     for (j = 0; j < i; j++) STORE(yf + j, (LOAD(xf + j) - hi[c]) * a[c] + b[c]);
+    stream = stream && (uintptr_t)(yf + i) % BNCY_ALIGN == 0; /* then every vector is aligned */
     for (q = 0; i + V <= n; q++) {
         const int64_t end = (q + 1) * L; /* the end of plane q of the run */
         const int64_t vend = i + (end - i) / V * V;
         const CT h = hi[c], s = a[c], t = b[c];
-        BNCY_IVDEP for (j = i; j < vend; j++) STORE(yf + j, (LOAD(xf + j) - h) * s + t);
+        j = stream ? i + STREAM_PLANE(yf + i, xf + i, h, s, t, vend - i) : i;
+        BNCY_IVDEP for (; j < vend; j++) STORE(yf + j, (LOAD(xf + j) - h) * s + t);
         i = vend;
         c = c + 1 == C ? 0 : c + 1; /* the channel of plane q + 1 */
         if (i < end) { /* a vector over the last r elements of plane q and the next plane's */
@@ -961,6 +972,7 @@ static BNCY_NOINLINE void FN(plane_flat_normalize_unit)(const T *x, T *y, bncy_s
         c = (q0 + i / L) % C;
         STORE(yf + i, (LOAD(xf + i) - hi[c]) * a[c] + b[c]);
     }
+    if (stream) BNCY_STREAM_FENCE();
 }
 
 /* Whether the normalize can take the flat rows walk. */
@@ -994,7 +1006,7 @@ static bncy_walk FN(walk_setup)(const T *out, bncy_shape sh, bncy_strides xs, in
         w.nb = bncy_plane_blocks(sh);
         w.n_units = bncy_plane_units(sh, w.nb);
         w.unit = unit_planes;
-        w.mode = w.nb < 0 && !w.stream && short_flat ? BNCY_WALK_PLANES_FLAT : BNCY_WALK_PLANES;
+        w.mode = w.nb < 0 && short_flat ? BNCY_WALK_PLANES_FLAT : BNCY_WALK_PLANES;
     }
     return w;
 }
@@ -1027,8 +1039,9 @@ static void FN(norm_units)(const bncy_walk *w, const T *x, bncy_strides xs, T *y
                                     w->unit);
         });
     } else if (w->mode == BNCY_WALK_PLANES_FLAT) { /* runs of short planes */
-        BNCY_TEAM_FOR(u, w->n_units,
-                      { FN(plane_flat_normalize_unit)(x, y, sh, hi, a, b, u, w->nb); });
+        BNCY_TEAM_FOR(u, w->n_units, {
+            FN(plane_flat_normalize_unit)(x, y, sh, hi, a, b, u, w->nb, w->stream);
+        });
     } else {
         BNCY_TEAM_FOR(u, w->n_units, {
             FN(plane_normalize_unit)(x, xs, y, ys, sh, hi, a, b, u, w->nb, w->unit, w->stream);
@@ -1527,7 +1540,7 @@ BNCY_INLINE void FN(plane_dx_impl)(const T *dp, int64_t sdi, const T *xp, int64_
                                    FN(bncy_grad_consts) k, const int training,
                                    const int has_mask, const int stream) {
     int64_t i = 0;
-    if (soi == 1 && n >= BNCY_PEEL_MIN) { /* up to the first aligned output element */
+    if (soi == 1 && FN(plane_peels)(op, n, stream)) { /* up to the first aligned output */
         const int64_t k0 = bncy_peel(op, (int64_t)sizeof(T), n);
         for (; i < k0; i++) {
             const CT g = LOAD(dp + i * sdi);
