@@ -268,24 +268,26 @@ static inline int bncy_threads_for(int64_t elements, int n_threads) {
 #endif
 
 /* Whether an elementwise pass writing out_bytes of output while reading n_in arrays of the same
-   size streams its output: where its arrays together exceed 3/4 of the last-level cache (they
+   size streams its output: where its arrays together exceed half of the last-level cache (they
    could not stay cached for the next pass or layer anyway, and the output's lines would evict
-   the inputs still to be read; glibc's memcpy streams from 3/4 of the cache too), or where the
-   output alone is BNCY_STREAM_MIN_BYTES or more (the rule where the cache size is unknown).
+   the inputs still to be read; glibc's memcpy streams copies above a quarter of the cache,
+   whose source and destination are then above half of it), or where the output alone is
+   BNCY_STREAM_MIN_BYTES or more (the rule where the cache size is unknown). On a 32 MiB L3 the
+   backward of an 8 MiB array streams (dy, x and dx: 24 MiB); its normalize (16 MiB) does not.
    The environment variable BN_CY_STREAM_MIN_BYTES (bytes, >= 0), read at the first call,
    replaces both with a plain output-size threshold (the tests set 0 to stream every output). */
 static inline int bncy_stream_pass(double out_bytes, int n_in) {
     static int ready = 0;
-    static double env_min = -1.0, llc_part = 0.0; /* env_min < 0: the variable is not set */
+    static double env_min = -1.0, llc_half = 0.0; /* env_min < 0: the variable is not set */
     if (!ready) {
         const char *e = getenv("BN_CY_STREAM_MIN_BYTES");
         env_min = e && atof(e) >= 0.0 ? atof(e) : -1.0;
-        llc_part = 0.75 * bncy_llc_bytes();
+        llc_half = 0.5 * bncy_llc_bytes();
         ready = 1;
     }
     if (env_min >= 0.0) return out_bytes >= env_min;
     return out_bytes >= BNCY_STREAM_MIN_BYTES ||
-           (llc_part > 0.0 && (double)(n_in + 1) * out_bytes > llc_part);
+           (llc_half > 0.0 && (double)(n_in + 1) * out_bytes > llc_half);
 }
 
 /* Elements before p reaches a BNCY_ALIGN boundary (0 when p is not element-aligned), at most n. */
