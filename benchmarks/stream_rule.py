@@ -4,7 +4,7 @@ the default rule (bncy_stream_pass), every output streamed and no output streame
 
     python benchmarks/stream_rule.py [--rounds 5] [--threads 1 2] [--cases ntc nct] [--modes ...]
 
-The kernels read ``BN_CY_STREAM_MIN_BYTES`` once per process, so each setting runs in its own
+The cases are report.py's. The kernels read ``BN_CY_STREAM_MIN_BYTES`` once per process, so each setting runs in its own
 process: ``0`` streams every output, ``1e18`` none, unset is the default rule. Each child times
 every (case, mode, thread count) as the report's back-to-back measurement does (best of a loop
 of the call with itself, inputs and output as its own loop leaves them in the caches); the
@@ -20,14 +20,9 @@ import statistics
 import subprocess
 import sys
 
+from report import CASES_BY_NAME
+
 SETTINGS = {"default": None, "stream": "0", "no-stream": "1e18"}
-CASES = {
-    "nhwc": ((32, 56, 56, 64), -1),
-    "nchw": ((32, 64, 56, 56), 1),
-    "dense": ((256, 1024), -1),
-    "ntc": ((64, 128, 256), -1),
-    "nct": ((64, 256, 128), 1),
-}
 MODES = ("infer", "train", "backward")
 
 CHILD = r"""
@@ -68,7 +63,8 @@ def run_child(setting, cases, modes, threads, repeat):
     env.pop("BN_CY_STREAM_MIN_BYTES", None)
     if SETTINGS[setting] is not None:
         env["BN_CY_STREAM_MIN_BYTES"] = SETTINGS[setting]
-    arg = json.dumps([{c: CASES[c] for c in cases}, modes, threads, repeat])
+    shapes = {c: (CASES_BY_NAME[c].shape, CASES_BY_NAME[c].axis) for c in cases}
+    arg = json.dumps([shapes, modes, threads, repeat])
     res = subprocess.run([sys.executable, "-c", CHILD, arg], env=env, capture_output=True,
                          text=True, check=False)
     if res.returncode != 0:
@@ -81,7 +77,7 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=5, help="turns of each setting (default 5)")
     ap.add_argument("--repeat", type=int, default=40, help="calls per measurement (best of)")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--cases", nargs="+", default=["ntc", "nct"], choices=sorted(CASES))
+    ap.add_argument("--cases", nargs="+", default=["ntc", "nct"], choices=sorted(CASES_BY_NAME))
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     args = ap.parse_args(argv)
     if args.rounds < 1 or args.repeat < 1 or min(args.threads) < 1:

@@ -698,11 +698,11 @@ class BatchNormalization:
         not hold real numbers raises naming the attribute and the layer."""
         out = []
         for name in names:
-            w = getattr(self, name)
             if name == "gamma" and not self.scale:
                 out.append(None)
             else:
-                out.append(np.array(_real_array(w, "%s of layer %r" % (name, self.name))))
+                what = "%s of layer %r" % (name, self.name)
+                out.append(np.array(_real_array(getattr(self, name), what)))
         return out
 
     def _check_shape(self, shape):
