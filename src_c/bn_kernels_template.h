@@ -67,15 +67,18 @@ static BNCY_NOINLINE void FN(rows_tile_sum)(double *BNCY_RESTRICT s, const T *BN
                                             const double *BNCY_RESTRICT wr, int64_t nr,
                                             int64_t nc) {
     int64_t r = 0, c;
-    for (c = 0; c < nc; c++) s[c] = 0.0;
     if (!wr && sc == 1) {
+        /* the first rows add into 0.0 (as into zeroed sums), with no zeroing pass */
         for (; r + 4 <= nr; r += 4) {
             const T *BNCY_RESTRICT x0 = xc + offs[r], *BNCY_RESTRICT x1 = xc + offs[r + 1];
             const T *BNCY_RESTRICT x2 = xc + offs[r + 2], *BNCY_RESTRICT x3 = xc + offs[r + 3];
             BNCY_IVDEP for (c = 0; c < nc; c++)
-                s[c] += (double)((LOAD(x0 + c) + LOAD(x1 + c)) + (LOAD(x2 + c) + LOAD(x3 + c)));
+                s[c] = (r ? s[c] : 0.0) +
+                       (double)((LOAD(x0 + c) + LOAD(x1 + c)) + (LOAD(x2 + c) + LOAD(x3 + c)));
         }
     }
+    if (r == 0)
+        for (c = 0; c < nc; c++) s[c] = 0.0;
     for (; r < nr; r++) {
         const T *BNCY_RESTRICT x0 = xc + offs[r];
         const double w = wr ? wr[r] : 1.0;
@@ -114,7 +117,6 @@ static BNCY_NOINLINE void FN(rows_tile_dev)(double *BNCY_RESTRICT s1, double *BN
                                             const double *BNCY_RESTRICT wr, int64_t nr,
                                             int64_t nc, int pf) {
     int64_t r = 0, c, k;
-    for (c = 0; c < nc; c++) s1[c] = s2[c] = 0.0;
     if (!wr && sc == 1) {
         /* eight rows at a time: their deviations and squares summed as a balanced tree in the
            compute type (three roundings), then added into the double accumulators; the hints
@@ -132,12 +134,17 @@ static BNCY_NOINLINE void FN(rows_tile_dev)(double *BNCY_RESTRICT s1, double *BN
                 const CT d2 = LOAD(x2 + c) - m, d3 = LOAD(x3 + c) - m;
                 const CT d4 = LOAD(x4 + c) - m, d5 = LOAD(x5 + c) - m;
                 const CT d6 = LOAD(x6 + c) - m, d7 = LOAD(x7 + c) - m;
-                s1[c] += (double)(((d0 + d1) + (d2 + d3)) + ((d4 + d5) + (d6 + d7)));
-                s2[c] += (double)(((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)) +
-                                  ((d4 * d4 + d5 * d5) + (d6 * d6 + d7 * d7)));
+                /* the first rows add into 0.0 (as into zeroed sums), with no zeroing pass */
+                s1[c] = (r ? s1[c] : 0.0) +
+                        (double)(((d0 + d1) + (d2 + d3)) + ((d4 + d5) + (d6 + d7)));
+                s2[c] = (r ? s2[c] : 0.0) +
+                        (double)(((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)) +
+                                 ((d4 * d4 + d5 * d5) + (d6 * d6 + d7 * d7)));
             }
         }
     }
+    if (r == 0)
+        for (c = 0; c < nc; c++) s1[c] = s2[c] = 0.0;
     for (; r < nr; r++) {
         const T *BNCY_RESTRICT x0 = xc + offs[r];
         const double w = wr ? wr[r] : 1.0;
@@ -189,7 +196,7 @@ static void FN(rows_stats_unit)(const T *x, bncy_strides xs, bncy_shape sh, cons
     const T *xc = x + c0 * xs.chan;
     double wgroup = 0.0, lim_wt;
     int64_t t0, c, p, redo;
-    for (c = 0; c < nc; c++) gmean[c] = gm2[c] = 0.0;
+    /* the group's first tile with weight sets gmean and gm2 (rows_merge_tile) */
     for (t0 = p0; t0 < p1; t0 += tile_rows) {
         const int64_t t1 = bncy_min64(p1, t0 + tile_rows);
         FN(bncy_pos) q = FN(pos_at)(t0, sh, xs);
@@ -278,6 +285,8 @@ static void FN(rows_stats_unit)(const T *x, bncy_strides xs, bncy_shape sh, cons
         wgroup += wt;
         for (c = 0; c < nc; c++) mt[c] = (CT)gmean[c]; /* the next tile's shift */
     }
+    if (wgroup == 0.0)
+        for (c = 0; c < nc; c++) gmean[c] = gm2[c] = 0.0;
     *gw = wgroup;
 }
 
@@ -671,29 +680,46 @@ static void FN(merge_groups)(const double *part, int64_t G, int64_t ld, int64_t 
     for (c = 0; c < C; c++) wsum[c] = wa;
 }
 
+#define BNCY_CONSTS_CHUNK 64 /* channels per share of the per-channel work in one region */
+
+/* The statistics in one parallel region: the group partials (stats_unit), then each channel's
+   merge of them (split by channels), and with finish the mean and variance (m2 / w; NaN where
+   no weight). wsum, mean and m2sum have length chan. */
+static int FN(moments_team)(const T *x, bncy_strides xs, bncy_shape sh, const CT *mask,
+                            double *wsum, double *mean, double *m2sum, int finish,
+                            int n_threads) {
+    const int64_t C = sh.chan, n_chunks = bncy_cdiv(C, BNCY_CONSTS_CHUNK);
+    const bncy_plan plan = bncy_make_plan(sh, xs);
+    const int64_t G = plan.n_groups;
+    const int nt = bncy_threads_for(plan.M * C, n_threads);
+    double *part = (double *)malloc((size_t)(3 * G * C) * sizeof(double)); /* [w | mean | m2] */
+    if (!part) return BNCY_ERR_NOMEM;
+    BNCY_TEAM(nt, {
+        int64_t u;
+        BNCY_TEAM_FOR(u, plan.n_units, { FN(stats_unit)(x, xs, sh, mask, &plan, part, u); });
+        BNCY_TEAM_FOR(u, n_chunks, {
+            const int64_t c0 = u * BNCY_CONSTS_CHUNK, c1 = bncy_min64(C, c0 + BNCY_CONSTS_CHUNK);
+            int64_t c;
+            FN(merge_groups)(part + c0, G, C, c1 - c0, wsum + c0, mean + c0, m2sum + c0);
+            for (c = c0; finish && c < c1; c++) bncy_finish_moments(wsum[c], &mean[c], &m2sum[c]);
+        });
+    });
+    free(part);
+    return BNCY_OK;
+}
+
 /* Partial statistics of every channel: total weight w, mean and sum of squared deviations m2
    (w = 0, mean = m2 = 0 for a channel with no weight). */
 int FN(bncy_moments_partial)(const T *x, bncy_strides xs, bncy_shape sh, const CT *mask,
                              double *wsum, double *mean, double *m2sum, int n_threads) {
-    bncy_plan plan;
-    double *part;
-    int64_t G, C = sh.chan, u, c;
-    int nt;
+    int64_t c;
     if (sh.outer < 0 || sh.chan < 0 || sh.inner < 0) return BNCY_ERR_ARG;
-    if (C == 0) return BNCY_OK;
+    if (sh.chan == 0) return BNCY_OK;
     if (sh.outer == 0 || sh.inner == 0) {
-        for (c = 0; c < C; c++) wsum[c] = mean[c] = m2sum[c] = 0.0;
+        for (c = 0; c < sh.chan; c++) wsum[c] = mean[c] = m2sum[c] = 0.0;
         return BNCY_OK;
     }
-    plan = bncy_make_plan(sh, xs);
-    G = plan.n_groups;
-    part = (double *)malloc((size_t)(3 * G * C) * sizeof(double)); /* [w | mean | m2], g-major */
-    if (!part) return BNCY_ERR_NOMEM;
-    nt = bncy_threads_for(plan.M * C, n_threads);
-    BNCY_PARALLEL_FOR(nt, u, plan.n_units, { FN(stats_unit)(x, xs, sh, mask, &plan, part, u); });
-    FN(merge_groups)(part, G, C, C, wsum, mean, m2sum);
-    free(part);
-    return BNCY_OK;
+    return FN(moments_team)(x, xs, sh, mask, wsum, mean, m2sum, 0, n_threads);
 }
 
 /* Statistics of every channel into mean/var (double, length chan; NaN where no weight). */
@@ -704,12 +730,13 @@ int FN(bncy_moments)(const T *x, bncy_strides xs, bncy_shape sh, const CT *mask,
     int status;
     if (sh.outer < 0 || sh.chan < 0 || sh.inner < 0) return BNCY_ERR_ARG;
     if (sh.chan == 0) return BNCY_OK;
+    if (sh.outer == 0 || sh.inner == 0) {
+        for (c = 0; c < sh.chan; c++) mean[c] = var[c] = NAN;
+        return BNCY_OK;
+    }
     w = (double *)malloc((size_t)sh.chan * sizeof(double));
     if (!w) return BNCY_ERR_NOMEM;
-    status = FN(bncy_moments_partial)(x, xs, sh, mask, w, mean, var, n_threads);
-    if (status == BNCY_OK) {
-        for (c = 0; c < sh.chan; c++) bncy_finish_moments(w[c], &mean[c], &var[c]);
-    }
+    status = FN(moments_team)(x, xs, sh, mask, w, mean, var, 1, n_threads);
     free(w);
     return status;
 }
@@ -1049,24 +1076,63 @@ static void FN(norm_units)(const bncy_walk *w, const T *x, bncy_strides xs, T *y
     }
 }
 
-int FN(bncy_normalize)(const T *x, bncy_strides xs, T *y, bncy_strides ys, bncy_shape sh,
-                       const double *mean, const double *scale, const double *shift,
-                       int n_threads) {
+/* Channels [c0, c1) of a normalize's per-channel work: the scale (gamma / sqrt(var + eps) where
+   var is given, into sbuf; else the given scale), the constants k = [hi | a | b] and their
+   rotated copy rot (flat walk; NULL otherwise). */
+static void FN(norm_chan_range)(int64_t C, int64_t c0, int64_t c1, const double *mean,
+                                const double *scale, const double *var, const double *gamma,
+                                double eps, const double *shift, double *sbuf, CT *k, CT *rot,
+                                int64_t k0) {
+    int64_t c;
+    if (var) {
+        for (c = c0; c < c1; c++) sbuf[c] = bncy_affine_scale(gamma, c, var[c], eps);
+        scale = sbuf;
+    }
+    FN(make_consts)(k + c0, k + C + c0, k + 2 * C + c0, c1 - c0, mean + c0, scale + c0,
+                    shift ? shift + c0 : NULL);
+    if (rot) FN(rotate_consts_range)(rot, k, C, k0, c0, c1, 3);
+}
+
+/* y = (x - mean) * scale + shift, or with var given (scale NULL) the affine inference
+   y = (x - mean) * gamma / sqrt(var + eps) + shift: the per-channel constants, split by
+   channels, then the elementwise pass, in one parallel region. */
+static int FN(normalize_team)(const T *x, bncy_strides xs, T *y, bncy_strides ys, bncy_shape sh,
+                              const double *mean, const double *scale, const double *var,
+                              const double *gamma, double eps, const double *shift,
+                              int n_threads) {
     const int64_t C = sh.chan, M = sh.outer * sh.inner;
+    const int64_t n_chunks = bncy_cdiv(C, BNCY_CONSTS_CHUNK);
     const int nt = bncy_threads_for(M * C, n_threads);
     const int flat = FN(norm_flat)(sh, xs, ys);
     bncy_walk w;
-    CT *k;
-    if (sh.outer < 0 || sh.chan < 0 || sh.inner < 0) return BNCY_ERR_ARG;
+    double *sbuf;
+    CT *k, *rot;
     if (M == 0 || C == 0) return BNCY_OK;
-    k = (CT *)malloc((size_t)((flat ? 6 : 3) * C) * sizeof(CT)); /* [hi | a | b], rotated copy */
-    if (!k) return BNCY_ERR_NOMEM;
+    /* the scale (doubles, with var), then [hi | a | b] and their rotated copy */
+    sbuf = (double *)malloc((size_t)(var ? C : 0) * sizeof(double) +
+                            (size_t)((flat ? 6 : 3) * C) * sizeof(CT));
+    if (!sbuf) return BNCY_ERR_NOMEM;
+    k = (CT *)(sbuf + (var ? C : 0));
+    rot = flat ? k + 3 * C : NULL;
     w = FN(norm_setup)(y, sh, xs, ys, flat);
-    FN(make_consts)(k, k + C, k + 2 * C, C, mean, scale, shift);
-    if (flat) FN(rotate_consts_range)(k + 3 * C, k, C, w.k0, 0, C, 3);
-    BNCY_TEAM(nt, { FN(norm_units)(&w, x, xs, y, ys, sh, k, k + 3 * C); });
-    free(k);
+    BNCY_TEAM(nt, {
+        int64_t u;
+        BNCY_TEAM_FOR(u, n_chunks, {
+            const int64_t c0 = u * BNCY_CONSTS_CHUNK;
+            FN(norm_chan_range)(C, c0, bncy_min64(C, c0 + BNCY_CONSTS_CHUNK), mean, scale, var,
+                                gamma, eps, shift, sbuf, k, rot, w.k0);
+        });
+        FN(norm_units)(&w, x, xs, y, ys, sh, k, rot);
+    });
+    free(sbuf);
     return BNCY_OK;
+}
+
+int FN(bncy_normalize)(const T *x, bncy_strides xs, T *y, bncy_strides ys, bncy_shape sh,
+                       const double *mean, const double *scale, const double *shift,
+                       int n_threads) {
+    if (sh.outer < 0 || sh.chan < 0 || sh.inner < 0) return BNCY_ERR_ARG;
+    return FN(normalize_team)(x, xs, y, ys, sh, mean, scale, NULL, NULL, 0.0, shift, n_threads);
 }
 
 /* scale = gamma / sqrt(var + eps), shift = beta, in double. */
@@ -1074,17 +1140,7 @@ static int FN(affine_normalize)(const T *x, bncy_strides xs, T *y, bncy_strides 
                                 bncy_shape sh, const double *mean, const double *var,
                                 const double *gamma, const double *beta, double eps,
                                 int n_threads) {
-    const int64_t C = sh.chan;
-    double *scale;
-    int64_t c;
-    int status;
-    if (C == 0) return BNCY_OK;
-    scale = (double *)malloc((size_t)C * sizeof(double));
-    if (!scale) return BNCY_ERR_NOMEM;
-    for (c = 0; c < C; c++) scale[c] = bncy_affine_scale(gamma, c, var[c], eps);
-    status = FN(bncy_normalize)(x, xs, y, ys, sh, mean, scale, beta, n_threads);
-    free(scale);
-    return status;
+    return FN(normalize_team)(x, xs, y, ys, sh, mean, NULL, var, gamma, eps, beta, n_threads);
 }
 
 int FN(bncy_batch_norm)(const T *x, bncy_strides xs, T *y, bncy_strides ys, bncy_shape sh,
@@ -1184,8 +1240,6 @@ static int FN(train_fused)(const T *x, bncy_strides xs, T *y, bncy_strides ys, b
     return BNCY_OK;
 }
 
-#define BNCY_CONSTS_CHUNK 64 /* channels per share of the per-channel work in one region */
-
 /* Channels [c0, c1) of the separate-pass training forward's per-channel work: the statistics
    merged from the group partials (as bncy_moments), the scale (as affine_normalize), the
    constants k = [hi | a | b] and their rotated copy rot (flat walk; NULL otherwise). */
@@ -1195,13 +1249,8 @@ static void FN(train_chan_range)(const double *part, int64_t G, int64_t C, int64
                                  CT *rot, int64_t k0) {
     int64_t c;
     FN(merge_groups)(part + c0, G, C, c1 - c0, wsum + c0, mean + c0, var + c0);
-    for (c = c0; c < c1; c++) {
-        bncy_finish_moments(wsum[c], &mean[c], &var[c]);
-        scale[c] = bncy_affine_scale(gamma, c, var[c], eps);
-    }
-    FN(make_consts)(k + c0, k + C + c0, k + 2 * C + c0, c1 - c0, mean + c0, scale + c0,
-                    beta ? beta + c0 : NULL);
-    if (rot) FN(rotate_consts_range)(rot, k, C, k0, c0, c1, 3);
+    for (c = c0; c < c1; c++) bncy_finish_moments(wsum[c], &mean[c], &var[c]);
+    FN(norm_chan_range)(C, c0, c1, mean, NULL, var, gamma, eps, beta, scale, k, rot, k0);
 }
 
 /* The training forward in separate passes, all in one parallel region (as backward_team): the
