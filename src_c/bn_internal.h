@@ -129,8 +129,10 @@ static inline bncy_plan bncy_make_plan(bncy_shape sh, bncy_strides xs) {
         if (p.cblock < 1) p.cblock = 1;
         p.n_cblocks = bncy_cdiv(sh.chan, p.cblock);
         by_units = bncy_cdiv(BNCY_TARGET_UNITS, p.n_cblocks);
-        /* each group keeps >= 64 positions so the partials stay small next to the input */
-        cap = bncy_max64(1, p.M / 64);
+        /* each group keeps >= 128 positions, so the partials stay small next to the input and
+           few rows with many channels are not cut into groups whose fixed costs (the shift's
+           sample, the merge of partials another thread wrote) outweigh their rows */
+        cap = bncy_max64(1, p.M / 128);
         p.n_groups = bncy_max64(1, bncy_min64(bncy_min64(by_work, by_units), cap));
         p.n_units = p.n_groups * p.n_cblocks;
     } else {
