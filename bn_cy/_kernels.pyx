@@ -325,7 +325,9 @@ def ema_update(cnp.ndarray moving, cnp.ndarray batch, double momentum, double re
 
 
 # Per-channel vectors of up to ROOM_CHANNELS channels are converted, and float32 statistics
-# computed, in room on the stack; wider ones in arrays (the C stack stays small either way).
+# computed, in room on the stack; wider ones in one malloc'd block per call (the C stack stays
+# small either way; one block, not an array per vector: at a thousand channels those cost a
+# microsecond or more).
 cdef enum:
     ROOM_CHANNELS = 256
 
@@ -392,28 +394,37 @@ cdef object _batch_norm(cnp.ndarray x, int axis, object out, object mean, object
     cdef bint rev = _choose_reversed(x, axis)
     x = _input(x, axis, rev, &sh, &xs)
     cdef cnp.ndarray y = _output(out, x, axis, rev, (x,), &ys)
-    cdef bint small = sh.chan <= ROOM_CHANNELS
+    cdef double *heap = NULL if sh.chan <= ROOM_CHANNELS else _scratch(4 * sh.chan)
+    cdef double *base = &room[0] if heap == NULL else heap
     cdef const void *px = cnp.PyArray_DATA(x)
     cdef void *py = cnp.PyArray_DATA(y)
-    cdef const double *pm = _vec(mean, keep, &room[0] if small else NULL)
-    cdef const double *pv = _vec(var, keep, &room[0] + sh.chan if small else NULL)
-    cdef const double *pg = _vec(gamma, keep, &room[0] + 2 * sh.chan if small else NULL)
-    cdef const double *pb = _vec(beta, keep, &room[0] + 3 * sh.chan if small else NULL)
+    cdef const double *pm
+    cdef const double *pv
+    cdef const double *pg
+    cdef const double *pb
     cdef int kind = _kind(x), status
-    with nogil:
-        if kind == KIND_F32:
-            status = bncy_batch_norm_f32(<const float *>px, xs, <float *>py, ys, sh, pm, pv, pg,
-                                         pb, eps, n_threads)
-        elif kind == KIND_F64:
-            status = bncy_batch_norm_f64(<const double *>px, xs, <double *>py, ys, sh, pm, pv, pg,
-                                         pb, eps, n_threads)
-        elif kind == KIND_F16:
-            status = bncy_batch_norm_f16(<const bncy_half *>px, xs, <bncy_half *>py, ys, sh, pm,
-                                         pv, pg, pb, eps, n_threads)
-        else:
-            status = bncy_batch_norm_bf16(<const bncy_bfloat16 *>px, xs, <bncy_bfloat16 *>py, ys,
-                                          sh, pm, pv, pg, pb, eps, n_threads)
-    _check(status)
+    try:
+        pm = _vec(mean, keep, base)
+        pv = _vec(var, keep, base + sh.chan)
+        pg = _vec(gamma, keep, base + 2 * sh.chan)
+        pb = _vec(beta, keep, base + 3 * sh.chan)
+        with nogil:
+            if kind == KIND_F32:
+                status = bncy_batch_norm_f32(<const float *>px, xs, <float *>py, ys, sh, pm, pv,
+                                             pg, pb, eps, n_threads)
+            elif kind == KIND_F64:
+                status = bncy_batch_norm_f64(<const double *>px, xs, <double *>py, ys, sh, pm,
+                                             pv, pg, pb, eps, n_threads)
+            elif kind == KIND_F16:
+                status = bncy_batch_norm_f16(<const bncy_half *>px, xs, <bncy_half *>py, ys, sh,
+                                             pm, pv, pg, pb, eps, n_threads)
+            else:
+                status = bncy_batch_norm_bf16(<const bncy_bfloat16 *>px, xs,
+                                              <bncy_bfloat16 *>py, ys, sh, pm, pv, pg, pb, eps,
+                                              n_threads)
+        _check(status)
+    finally:
+        free(heap)
     return _finish(out, y)
 
 
@@ -433,20 +444,22 @@ cdef object _batch_norm_train(cnp.ndarray x, int axis, object out, object mask, 
     x = _input(x, axis, rev, &sh, &xs)
     cdef cnp.ndarray y = _output(out, x, axis, rev, (x,), &ys)
     cdef const void *w = _mask_ptr(mask, rev, keep)
-    cdef bint small = sh.chan <= ROOM_CHANNELS
     cdef const void *px = cnp.PyArray_DATA(x)
     cdef void *py = cnp.PyArray_DATA(y)
-    cdef const double *pg = _vec(gamma, keep, &room[0] + 2 * sh.chan if small else NULL)
-    cdef const double *pb = _vec(beta, keep, &room[0] + 3 * sh.chan if small else NULL)
     cdef int kind = _kind(x), status
     cdef bint keep64 = kind == KIND_F64
     # float64 statistics: the returned arrays; others: room (or scratch) narrowed at the end
     cdef cnp.ndarray mean = _vec_empty(sh.chan) if keep64 else None
     cdef cnp.ndarray var = _vec_empty(sh.chan) if keep64 else None
-    cdef double *pm = <double *>cnp.PyArray_DATA(mean) if keep64 else (
-        &room[0] if small else _scratch(2 * sh.chan))
+    cdef double *heap = NULL if sh.chan <= ROOM_CHANNELS else _scratch(4 * sh.chan)
+    cdef double *base = &room[0] if heap == NULL else heap
+    cdef double *pm = <double *>cnp.PyArray_DATA(mean) if keep64 else base
     cdef double *pv = <double *>cnp.PyArray_DATA(var) if keep64 else pm + sh.chan
+    cdef const double *pg
+    cdef const double *pb
     try:
+        pg = _vec(gamma, keep, base + 2 * sh.chan)
+        pb = _vec(beta, keep, base + 3 * sh.chan)
         with nogil:
             status = _train_call(kind, px, xs, py, ys, sh, w, pg, pb, eps, pm, pv, n_threads)
         _check(status)
@@ -454,8 +467,7 @@ cdef object _batch_norm_train(cnp.ndarray x, int axis, object out, object mask, 
             return _finish(out, y), mean, var
         return _finish(out, y), _f32_vector(pm, sh.chan), _f32_vector(pv, sh.chan)
     finally:
-        if not keep64 and not small:
-            free(pm)
+        free(heap)
 
 
 def batch_norm_train(cnp.ndarray x, int axis, object out, object mask, object gamma,
@@ -529,33 +541,42 @@ cdef object _batch_norm_backward(cnp.ndarray dy, cnp.ndarray x, int axis, object
     cdef const void *px = cnp.PyArray_DATA(x)
     cdef const void *pdy = cnp.PyArray_DATA(dy)
     cdef void *pdx = cnp.PyArray_DATA(dx)
-    cdef bint small = sh.chan <= ROOM_CHANNELS
-    cdef const double *pm = _vec(mean, keep, &room[0] if small else NULL)
-    cdef const double *pv = _vec(var, keep, &room[0] + sh.chan if small else NULL)
-    cdef const double *pg = _vec(gamma, keep, &room[0] + 2 * sh.chan if small else NULL)
+    cdef double *heap = NULL if sh.chan <= ROOM_CHANNELS else _scratch(3 * sh.chan)
+    cdef double *base = &room[0] if heap == NULL else heap
+    cdef const double *pm
+    cdef const double *pv
+    cdef const double *pg
     cdef int kind = _kind(x), status
     cdef int train = 1 if training else 0
-    with nogil:
-        if kind == KIND_F32:
-            status = bncy_batch_norm_backward_f32(<const float *>pdy, dys, <const float *>px, xs,
-                                                  <float *>pdx, dxs, sh, <const float *>w, pm,
-                                                  pv, pg, eps, train, pdg, pdb, n_threads)
-        elif kind == KIND_F64:
-            status = bncy_batch_norm_backward_f64(<const double *>pdy, dys, <const double *>px,
-                                                  xs, <double *>pdx, dxs, sh, <const double *>w,
-                                                  pm, pv, pg, eps, train, pdg, pdb, n_threads)
-        elif kind == KIND_F16:
-            status = bncy_batch_norm_backward_f16(<const bncy_half *>pdy, dys,
-                                                  <const bncy_half *>px, xs, <bncy_half *>pdx,
-                                                  dxs, sh, <const float *>w, pm, pv, pg, eps,
-                                                  train, pdg, pdb, n_threads)
-        else:
-            status = bncy_batch_norm_backward_bf16(<const bncy_bfloat16 *>pdy, dys,
-                                                   <const bncy_bfloat16 *>px, xs,
-                                                   <bncy_bfloat16 *>pdx, dxs, sh,
-                                                   <const float *>w, pm, pv, pg, eps, train, pdg,
-                                                   pdb, n_threads)
-    _check(status)
+    try:
+        pm = _vec(mean, keep, base)
+        pv = _vec(var, keep, base + sh.chan)
+        pg = _vec(gamma, keep, base + 2 * sh.chan)
+        with nogil:
+            if kind == KIND_F32:
+                status = bncy_batch_norm_backward_f32(<const float *>pdy, dys,
+                                                      <const float *>px, xs, <float *>pdx, dxs,
+                                                      sh, <const float *>w, pm, pv, pg, eps,
+                                                      train, pdg, pdb, n_threads)
+            elif kind == KIND_F64:
+                status = bncy_batch_norm_backward_f64(<const double *>pdy, dys,
+                                                      <const double *>px, xs, <double *>pdx, dxs,
+                                                      sh, <const double *>w, pm, pv, pg, eps,
+                                                      train, pdg, pdb, n_threads)
+            elif kind == KIND_F16:
+                status = bncy_batch_norm_backward_f16(<const bncy_half *>pdy, dys,
+                                                      <const bncy_half *>px, xs, <bncy_half *>pdx,
+                                                      dxs, sh, <const float *>w, pm, pv, pg, eps,
+                                                      train, pdg, pdb, n_threads)
+            else:
+                status = bncy_batch_norm_backward_bf16(<const bncy_bfloat16 *>pdy, dys,
+                                                       <const bncy_bfloat16 *>px, xs,
+                                                       <bncy_bfloat16 *>pdx, dxs, sh,
+                                                       <const float *>w, pm, pv, pg, eps,
+                                                       train, pdg, pdb, n_threads)
+        _check(status)
+    finally:
+        free(heap)
     return (_finish(out, dx), _narrow(dgamma, kind == KIND_F64),
             _narrow(dbeta, kind == KIND_F64))
 
