@@ -651,9 +651,9 @@ static BNCY_NOINLINE void FN(stats_unit)(const T *x, bncy_strides xs, bncy_shape
 /* Chan-merge the G groups' partials in order, for C channels of partials laid out G x ld
    (ld >= C: a range of channels of a wider layout). A group's weight is the same for every
    channel (weights belong to positions), so the merge factors are scalars and the channel loop
-   vectorizes. */
+   vectorizes. With finish, m2sum becomes the variance m2 / w (NaN where no weight). */
 static void FN(merge_groups)(const double *part, int64_t G, int64_t ld, int64_t C, double *wsum,
-                             double *mean, double *m2sum) {
+                             double *mean, double *m2sum, int finish) {
     const double *pw = part, *pm = part + G * ld, *pm2 = part + 2 * G * ld;
     double wa = 0.0;
     int64_t g, c;
@@ -678,6 +678,7 @@ static void FN(merge_groups)(const double *part, int64_t G, int64_t ld, int64_t 
         wa = w;
     }
     for (c = 0; c < C; c++) wsum[c] = wa;
+    for (c = 0; finish && c < C; c++) bncy_finish_moments(wa, &mean[c], &m2sum[c]);
 }
 
 #define BNCY_CONSTS_CHUNK 64 /* channels per share of the per-channel work in one region */
@@ -699,9 +700,7 @@ static int FN(moments_team)(const T *x, bncy_strides xs, bncy_shape sh, const CT
         BNCY_TEAM_FOR(u, plan.n_units, { FN(stats_unit)(x, xs, sh, mask, &plan, part, u); });
         BNCY_TEAM_FOR(u, n_chunks, {
             const int64_t c0 = u * BNCY_CONSTS_CHUNK, c1 = bncy_min64(C, c0 + BNCY_CONSTS_CHUNK);
-            int64_t c;
-            FN(merge_groups)(part + c0, G, C, c1 - c0, wsum + c0, mean + c0, m2sum + c0);
-            for (c = c0; finish && c < c1; c++) bncy_finish_moments(wsum[c], &mean[c], &m2sum[c]);
+            FN(merge_groups)(part + c0, G, C, c1 - c0, wsum + c0, mean + c0, m2sum + c0, finish);
         });
     });
     free(part);
@@ -1206,11 +1205,8 @@ static BNCY_NOINLINE void FN(train_fused_unit)(const T *x, bncy_strides xs, T *y
         FN(planes_stats_unit)(xb, xs, shb, mask, p0, p1, part + g * nc, part + (G + g) * nc,
                               part + (2 * G + g) * nc, pf);
     }
-    FN(merge_groups)(part, G, nc, nc, w, mean + c0, var + c0);
-    for (c = 0; c < nc; c++) {
-        bncy_finish_moments(w[c], &mean[c0 + c], &var[c0 + c]);
-        scale[c] = bncy_affine_scale(gamma, c0 + c, var[c0 + c], eps);
-    }
+    FN(merge_groups)(part, G, nc, nc, w, mean + c0, var + c0, 1);
+    for (c = 0; c < nc; c++) scale[c] = bncy_affine_scale(gamma, c0 + c, var[c0 + c], eps);
     FN(make_consts)(hi, a, b, nc, mean + c0, scale, beta ? beta + c0 : NULL);
     for (o = 0; o < sh.outer; o++)
         for (c = 0; c < nc; c++)
@@ -1247,9 +1243,7 @@ static void FN(train_chan_range)(const double *part, int64_t G, int64_t C, int64
                                  int64_t c1, const double *gamma, const double *beta, double eps,
                                  double *mean, double *var, double *wsum, double *scale, CT *k,
                                  CT *rot, int64_t k0) {
-    int64_t c;
-    FN(merge_groups)(part + c0, G, C, c1 - c0, wsum + c0, mean + c0, var + c0);
-    for (c = c0; c < c1; c++) bncy_finish_moments(wsum[c], &mean[c], &var[c]);
+    FN(merge_groups)(part + c0, G, C, c1 - c0, wsum + c0, mean + c0, var + c0, 1);
     FN(norm_chan_range)(C, c0, c1, mean, NULL, var, gamma, eps, beta, scale, k, rot, k0);
 }
 
