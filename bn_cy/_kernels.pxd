@@ -131,6 +131,7 @@ cdef extern from "../src_c/bn_cy.h" nogil:
     const char *bncy_simd_level()
     const char *bncy_simd_compiled()
     double bncy_llc_bytes()
+    double bncy_stream_min_bytes()
     const char *bncy_compiler()
     void bncy_ema_f32(float *moving, const float *batch, int64_t n, float momentum, float rest)
     void bncy_ema_f64(double *moving, const double *batch, int64_t n, double momentum,

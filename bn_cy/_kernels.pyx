@@ -919,5 +919,10 @@ def llc_bytes():
     return int(bncy_llc_bytes())
 
 
+def stream_min_bytes():
+    cdef double v = bncy_stream_min_bytes()
+    return None if v < 0 else v
+
+
 def compiler():
     return bncy_compiler().decode()

@@ -131,6 +131,9 @@ def build_info():
         # one last-level cache as the CPU describes it (0: unknown); the kernels' choice of
         # streaming stores depends on it
         "last_level_cache_bytes": _kernels.llc_bytes(),
+        # BN_CY_STREAM_MIN_BYTES as the kernels read it: the output size from which they
+        # stream, or None (unset or not a number >= 0: the rule from the cache size applies)
+        "stream_min_bytes": _kernels.stream_min_bytes(),
         "num_threads": get_num_threads(),
         "cores": _core_count(),
         "numpy": np.__version__,

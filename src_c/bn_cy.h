@@ -91,6 +91,10 @@ int bncy_num_procs(void);           /* omp_get_num_procs(), or 1 without OpenMP 
 const char *bncy_simd_level(void);  /* ISA variant chosen at run time: "avx2+fma" or "baseline" */
 const char *bncy_simd_compiled(void); /* comma-separated variants compiled in */
 double bncy_llc_bytes(void);         /* one last-level cache in bytes, from cpuid; 0: unknown */
+/* The output size from which elementwise passes stream their output, as BN_CY_STREAM_MIN_BYTES
+   sets it (a number of bytes >= 0, inf for never, blanks around it allowed), or -1 where it is
+   unset, empty or not such a number (the built-in rule then applies). */
+double bncy_stream_min_bytes(void);
 const char *bncy_compiler(void);    /* compiler name and version */
 
 #ifdef __cplusplus

@@ -227,6 +227,18 @@ double bncy_llc_bytes(void) {
     return cached;
 }
 
+double bncy_stream_min_bytes(void) {
+    const char *e = getenv("BN_CY_STREAM_MIN_BYTES");
+    char *end;
+    double v;
+    if (!e) return -1.0;
+    v = strtod(e, &end);
+    if (end == e) return -1.0; /* empty, blank or not a number */
+    while (*end == ' ' || *end == '\t' || *end == '\n' || *end == '\r') end++;
+    if (*end != '\0' || !(v >= 0.0)) return -1.0; /* negative or NaN (inf: never stream) */
+    return v;
+}
+
 int bncy_openmp_enabled(void) {
 #ifdef _OPENMP
     return 1;

@@ -282,9 +282,7 @@ static inline int bncy_stream_pass(double out_bytes, int n_in) {
     static int ready = 0;
     static double env_min = -1.0, llc_half = 0.0; /* env_min < 0: the variable is not set */
     if (!ready) {
-        const char *e = getenv("BN_CY_STREAM_MIN_BYTES");
-        const double v = e ? atof(e) : -1.0;
-        env_min = v >= 0.0 ? v : -1.0;
+        env_min = bncy_stream_min_bytes();
         llc_half = 0.5 * bncy_llc_bytes();
         ready = 1;
     }

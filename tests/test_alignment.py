@@ -110,6 +110,23 @@ def test_streamed_outputs_are_bitwise_the_same():
         assert line == "%s %s %s" % (name, shape, here[name, shape]), line
 
 
+@pytest.mark.parametrize(
+    "value,expected",
+    [("0", 0.0), (" 1e5 ", 1e5), ("4096", 4096.0), ("inf", float("inf")), ("", None),
+     ("abc", None), ("12x", None), ("-3", None), ("nan", None)],
+)
+def test_stream_threshold_from_the_environment(value, expected):
+    """BN_CY_STREAM_MIN_BYTES as the kernels read it: a number of bytes >= 0 (inf: never
+    stream); an empty, malformed or negative value is ignored, not read as 0 (which would
+    stream every output)."""
+    out = run_python(
+        "import bn_cy; print(repr(bn_cy.build_info()['stream_min_bytes']))",
+        {"BN_CY_STREAM_MIN_BYTES": value},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == repr(expected)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
 @pytest.mark.parametrize("shape", [(5, 7, 48), (3, 6, 37), (1, 4, 16), (2, 300, 20), (6, 2, 9)])
 @pytest.mark.parametrize("kx,ky", [(0, 0), (0, 5), (3, 1), (1, 7)])
