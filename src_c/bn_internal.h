@@ -89,6 +89,7 @@
 #define BNCY_SHORT_GROUP_MIN 512   /* and groups of at least this many positions */
 #define BNCY_GROUP_ELEMS 32768  /* fewer elements per group than this are not split further */
 #define BNCY_TARGET_UNITS 64    /* aim for this many independent units when the work allows */
+#define BNCY_PLANE_FEW_GROUPS 8 /* planes statistics with fewer groups split channels too */
 #define BNCY_PARALLEL_MIN 32768 /* below this many elements a call runs without a parallel region */
 #define BNCY_ELEM_BLOCK 16384   /* elements per unit of the elementwise passes */
 #define BNCY_LANES 8            /* independent accumulators along a plane (fixed summation order) */
@@ -98,9 +99,9 @@ typedef struct {
     int64_t M;         /* reduced positions per channel: outer * inner */
     int64_t n_groups;  /* contiguous groups of positions per channel, merged in order */
     int64_t group_len; /* positions per group (the last one may be shorter) */
-    int64_t cblock;    /* channels per rows unit */
+    int64_t cblock;    /* channels per unit */
     int64_t n_cblocks;
-    int64_t n_units;   /* n_groups * (n_cblocks for rows, chan for planes) */
+    int64_t n_units;   /* n_groups * n_cblocks */
 } bncy_plan;
 
 static inline int64_t bncy_cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -153,6 +154,17 @@ static inline bncy_plan bncy_make_plan(bncy_shape sh, bncy_strides xs) {
         p.group_len = bncy_max64(1, (p.group_len + sh.inner / 2) / sh.inner) * sh.inner;
         p.n_groups = bncy_cdiv(p.M, p.group_len);
         p.n_units = p.n_groups;
+    }
+    if (p.family == BNCY_PLANES && p.n_groups < BNCY_PLANE_FEW_GROUPS && sh.chan > 1) {
+        /* few groups of positions (one or two samples of a channels-first input): blocks of
+           channels too, so that the threads share the work. Each channel's statistics are
+           reduced on their own, whatever block holds the channel, so the results do not
+           change. */
+        const int64_t want = bncy_min64(by_work, BNCY_TARGET_UNITS);
+        const int64_t nb = bncy_min64(sh.chan, bncy_cdiv(want, p.n_groups));
+        p.cblock = bncy_cdiv(sh.chan, bncy_max64(1, nb));
+        p.n_cblocks = bncy_cdiv(sh.chan, p.cblock);
+        p.n_units = p.n_groups * p.n_cblocks;
     }
     return p;
 }

@@ -623,10 +623,11 @@ static void FN(planes_stats_unit)(const T *x, bncy_strides xs, bncy_shape sh, co
     }
 }
 
-/* Unit u of the statistics: (group, channel block) for rows, a group for planes. Writes its
-   partials into part = [w | mean | m2], each G x C, g-major. The channel blocks of one group are
-   consecutive units, so the static split gives each thread whole groups of positions: about the
-   rows its share of the elementwise pass then reads, still in its own cache. */
+/* Unit u of the statistics: (group, channel block); for planes the block is every channel
+   except where the plan has few groups (bncy_make_plan). Writes its partials into part =
+   [w | mean | m2], each G x C, g-major. The channel blocks of one group are consecutive units,
+   so the static split gives each thread whole groups of positions: about the rows its share of
+   the elementwise pass then reads, still in its own cache. */
 static BNCY_NOINLINE void FN(stats_unit)(const T *x, bncy_strides xs, bncy_shape sh,
                                          const CT *mask, const bncy_plan *plan, double *part,
                                          int64_t u) {
@@ -643,8 +644,12 @@ static BNCY_NOINLINE void FN(stats_unit)(const T *x, bncy_strides xs, bncy_shape
         FN(rows_stats_unit)(x, xs, sh, mask, p0, p1, c0, nc, &gw, pm + g * C + c0,
                             pm2 + g * C + c0, pf);
         for (c = 0; c < nc; c++) pw[g * C + c0 + c] = gw;
-    } else {
-        FN(planes_stats_unit)(x, xs, sh, mask, p0, p1, pw + g * C, pm + g * C, pm2 + g * C, pf);
+    } else { /* the block's channels as a narrower x (one block unless plan.n_cblocks > 1) */
+        const int64_t c0 = blk * plan->cblock;
+        bncy_shape shb = sh;
+        shb.chan = bncy_min64(plan->cblock, C - c0);
+        FN(planes_stats_unit)(x + c0 * xs.chan, xs, shb, mask, p0, p1, pw + g * C + c0,
+                              pm + g * C + c0, pm2 + g * C + c0, pf);
     }
 }
 
@@ -1486,8 +1491,9 @@ static BNCY_NOINLINE void FN(grad_sums_unit)(const T *dy, bncy_strides dys, cons
             FN(rows_grad_sums_impl)(dy, dys, x, xs, sh, mean, p0, p1, c0, nc, part + g * C + c0,
                                     part + (G + g) * C + c0, 0);
     } else {
+        const int64_t c0 = blk * plan->cblock, c1 = bncy_min64(C, c0 + plan->cblock);
         int64_t ch;
-        for (ch = 0; ch < C; ch++)
+        for (ch = c0; ch < c1; ch++)
             FN(plane_grad_sums)(dy, dys, x, xs, sh, mean[ch], p0, p1, ch, part + g * C + ch,
                                 part + (G + g) * C + ch);
     }

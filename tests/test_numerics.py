@@ -2,7 +2,7 @@
 
 float32, x = offset + N(0, 1), 4096 values per channel, epsilon 1e-3: max abs error of y
 <= 1e-6 at offset 0 and <= 1e-5 up to offset 1e5, in the rows layout ((4096, 16), axis=-1) and
-the planes layouts ((16, 16, 256) and (1, 16, 4096), axis=1). Plus: statistics accuracy, variance never negative,
+the planes layouts ((16, 16, 256), (1, 16, 4096) and (1, 600, 512), axis=1). Plus: statistics accuracy, variance never negative,
 float64 accuracy, and 16-bit outputs rounded once from float32 arithmetic.
 """
 
@@ -25,9 +25,10 @@ LAYOUTS = {
     "rows": ((4096, 16), -1),
     "planes": ((16, 16, 256), 1),
 }
-# planes longer than the short-plane tiles (a different statistics loop); one outer index, so
-# not in the ordered-data test, whose trends run along the first dim
-ALL_LAYOUTS = dict(LAYOUTS, planes_long=((1, 16, 4096), 1))
+# planes longer than the short-plane tiles (a different statistics loop), and one sample of
+# many short planes (its statistics split by blocks of channels); one outer index, so not in the
+# ordered-data test, whose trends run along the first dim
+ALL_LAYOUTS = dict(LAYOUTS, planes_long=((1, 16, 4096), 1), planes_one_sample=((1, 600, 512), 1))
 EPS = 1e-3
 
 

@@ -22,6 +22,10 @@ CASES = [
     pytest.param((8, 64, 28, 28), 1, np.float64, True, id="nchw-f64-mask"),
     pytest.param((300007, 3), -1, np.float32, True, id="300007x3-mask"),
     pytest.param((3, 300007), 0, np.float16, False, id="3x300007-ax0-f16"),
+    # one or two samples of channels-first data: statistics units are blocks of channels
+    pytest.param((1, 300, 700), 1, np.float32, False, id="1x300x700-ax1"),
+    pytest.param((1, 40, 5000), 1, np.float64, True, id="1x40x5000-ax1-f64-mask"),
+    pytest.param((2, 100, 1000), 1, np.float16, True, id="2x100x1000-ax1-f16-mask"),
 ]
 
 
