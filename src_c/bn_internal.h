@@ -312,6 +312,13 @@ static inline int64_t bncy_peel(const void *p, int64_t elem, int64_t n) {
     return k < n ? k : n;
 }
 
+/* p rounded up to a BNCY_ALIGN boundary (scratch arrays of constants, allocated with
+   BNCY_ALIGN bytes to spare for each: their vector loads then never split a cache line). */
+static inline void *bncy_align_up(void *p) {
+    const uintptr_t a = (uintptr_t)p;
+    return (char *)p + (BNCY_ALIGN - a % BNCY_ALIGN) % BNCY_ALIGN;
+}
+
 /* True when positions [0, M) of a rows array are one contiguous run of M * chan elements
    (channel stride 1, rows back to back), so its rows can be walked as a flat array. */
 static inline int bncy_flat_rows(bncy_shape sh, bncy_strides s) {

@@ -1112,12 +1112,12 @@ static int FN(normalize_team)(const T *x, bncy_strides xs, T *y, bncy_strides ys
     double *sbuf;
     CT *k, *rot;
     if (M == 0 || C == 0) return BNCY_OK;
-    /* the scale (doubles, with var), then [hi | a | b] and their rotated copy */
+    /* the scale (doubles, with var), then [hi | a | b] and their rotated copy, each aligned */
     sbuf = (double *)malloc((size_t)(var ? C : 0) * sizeof(double) +
-                            (size_t)((flat ? 6 : 3) * C) * sizeof(CT));
+                            (size_t)((flat ? 6 : 3) * C) * sizeof(CT) + 2 * BNCY_ALIGN);
     if (!sbuf) return BNCY_ERR_NOMEM;
-    k = (CT *)(sbuf + (var ? C : 0));
-    rot = flat ? k + 3 * C : NULL;
+    k = (CT *)bncy_align_up(sbuf + (var ? C : 0));
+    rot = flat ? (CT *)bncy_align_up(k + 3 * C) : NULL;
     w = FN(norm_setup)(y, sh, xs, ys, flat);
     BNCY_TEAM(nt, {
         int64_t u;
@@ -1265,17 +1265,17 @@ static int FN(train_team)(const T *x, bncy_strides xs, T *y, bncy_strides ys, bn
     const int flat = FN(norm_flat)(sh, xs, ys);
     const int nt = bncy_threads_for(plan.M * C, n_threads);
     /* the partials [w | mean | m2] (G x C each), wsum, scale (doubles), then the constants
-       [hi | a | b] and their rotated copy */
+       [hi | a | b] and their rotated copy, each aligned */
     double *part = (double *)malloc((size_t)((3 * G + 2) * C) * sizeof(double) +
-                                    (size_t)((flat ? 6 : 3) * C) * sizeof(CT));
+                                    (size_t)((flat ? 6 : 3) * C) * sizeof(CT) + 2 * BNCY_ALIGN);
     double *wsum, *scale;
     CT *k, *rot;
     bncy_walk w;
     if (!part) return BNCY_ERR_NOMEM;
     wsum = part + 3 * G * C;
     scale = wsum + C;
-    k = (CT *)(scale + C);
-    rot = flat ? k + 3 * C : NULL;
+    k = (CT *)bncy_align_up(scale + C);
+    rot = flat ? (CT *)bncy_align_up(k + 3 * C) : NULL;
     w = FN(norm_setup)(y, sh, xs, ys, flat);
     BNCY_TEAM(nt, {
         int64_t u;
@@ -1966,9 +1966,10 @@ static int FN(backward_team)(const T *dy, bncy_strides dys, const T *x, bncy_str
     const int flat = FN(dx_flat)(sh, dys, xs, dxs, mask);
     const int nt = bncy_threads_for(M * C, n_threads);
     const double rw = training ? 1.0 / FN(weight_total)(mask, M) : 0.0;
-    /* the partials, sdyx, sd (doubles), then the constants and their rotated copy */
+    /* the partials, sdyx, sd (doubles), then the constants and their rotated copy, each
+       aligned */
     double *part = (double *)malloc((size_t)((2 * G + 2) * C) * sizeof(double) +
-                                    (size_t)((flat ? 10 : 5) * C) * sizeof(CT));
+                                    (size_t)((flat ? 10 : 5) * C) * sizeof(CT) + 2 * BNCY_ALIGN);
     double *sdyx, *sd;
     CT *arr, *rot;
     bncy_walk w;
@@ -1976,8 +1977,8 @@ static int FN(backward_team)(const T *dy, bncy_strides dys, const T *x, bncy_str
     if (!part) return BNCY_ERR_NOMEM;
     sdyx = part + 2 * G * C;
     sd = sdyx + C;
-    arr = (CT *)(sd + C);
-    rot = flat ? arr + 5 * C : NULL;
+    arr = (CT *)bncy_align_up(sd + C);
+    rot = flat ? (CT *)bncy_align_up(arr + 5 * C) : NULL;
     w = FN(dx_setup)(dx, sh, dys, xs, dxs, flat);
     k = FN(grad_consts_view)(arr, C);
     kr = flat ? FN(grad_consts_view)(rot, C) : k;
