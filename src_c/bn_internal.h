@@ -162,7 +162,7 @@ static inline bncy_plan bncy_make_plan(bncy_shape sh, bncy_strides xs) {
            change. */
         const int64_t want = bncy_min64(by_work, BNCY_TARGET_UNITS);
         const int64_t nb = bncy_min64(sh.chan, bncy_cdiv(want, p.n_groups));
-        p.cblock = bncy_cdiv(sh.chan, bncy_max64(1, nb));
+        p.cblock = bncy_cdiv(sh.chan, nb); /* nb >= 1, as want is */
         p.n_cblocks = bncy_cdiv(sh.chan, p.cblock);
         p.n_units = p.n_groups * p.n_cblocks;
     }

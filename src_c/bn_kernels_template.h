@@ -1792,9 +1792,12 @@ static void FN(dx_pass)(const T *dy, bncy_strides dys, const T *x, bncy_strides 
     const int64_t C = sh.chan, M = sh.outer * sh.inner;
     const int nt = bncy_threads_for(M * C, n_threads);
     const FN(bncy_grad_consts) k = FN(grad_consts_view)(arr, C);
-    /* no memory for the rotated constants: the plain rows walk */
-    CT *rot = FN(dx_flat)(sh, dys, xs, dxs, mask) ? (CT *)malloc((size_t)(5 * C) * sizeof(CT))
-                                                   : NULL;
+    /* the rotated constants, aligned as in backward_team; no memory for them: the plain rows
+       walk */
+    void *raw = FN(dx_flat)(sh, dys, xs, dxs, mask)
+                    ? malloc((size_t)(5 * C) * sizeof(CT) + BNCY_ALIGN)
+                    : NULL;
+    CT *rot = raw ? (CT *)bncy_align_up(raw) : NULL;
     const bncy_walk w = FN(dx_setup)(dx, sh, dys, xs, dxs, rot != NULL);
     FN(bncy_grad_consts) kr = k;
     if (rot) {
@@ -1802,7 +1805,7 @@ static void FN(dx_pass)(const T *dy, bncy_strides dys, const T *x, bncy_strides 
         kr = FN(grad_consts_view)(rot, C);
     }
     BNCY_TEAM(nt, { FN(dx_units)(&w, dy, dys, x, xs, dx, dxs, sh, mask, &k, &kr, training); });
-    free(rot);
+    free(raw);
 }
 
 /* Sum of the weights over the positions (the same for every channel). */
