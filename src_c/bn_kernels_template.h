@@ -839,6 +839,14 @@ static void FN(rotate_consts_range)(CT *rot, const CT *arr, int64_t C, int64_t k
     }
 }
 
+/* Whether the flat rows loops take four rows at a time (loading each constant once for four
+   values) rather than one: for short rows, where the loop around a row costs; a long row is
+   faster alone (on the first machine, (256, 1024) float32 normalized in 15.6 us by fours and
+   14.7 us by ones), with fewer streams in flight. */
+BNCY_INLINE int FN(rows_by_four)(int64_t C) {
+    return C * (int64_t)sizeof(T) < BNCY_WIDE_ROW_BYTES;
+}
+
 /* Rows [p0, p1) of flat rows arrays (bncy_flat_rows) whose output rows start k0 elements before
    an aligned address (the same k0 for every row: chan * sizeof(T) is a multiple of BNCY_ALIGN).
    The run is walked as whole rows shifted by k0, so every vector store is aligned; hr/ar/br are
@@ -857,7 +865,7 @@ static BNCY_NOINLINE void FN(rows_flat_normalize_unit)(const T *x, T *y, int64_t
     int64_t r, k;
     for (k = 0; k < k0; k++) STORE(yf + k, (LOAD(xf + k) - hi[k]) * a[k] + b[k]);
     r = 0;
-    if (!stream) { /* four whole rows at a time: each constant loaded once for four values */
+    if (!stream && FN(rows_by_four)(C)) { /* each constant loaded once for four values */
         for (; r + 4 < rows || (k0 == 0 && r + 4 <= rows); r += 4) {
             const T *BNCY_RESTRICT x0 = xf + k0 + r * C, *BNCY_RESTRICT x1 = x0 + C;
             const T *BNCY_RESTRICT x2 = x1 + C, *BNCY_RESTRICT x3 = x2 + C;
@@ -1080,6 +1088,35 @@ static void FN(norm_units)(const bncy_walk *w, const T *x, bncy_strides xs, T *y
     }
 }
 
+/* The normalize's scales s[c] = gamma[c] / sqrt(var[c] + eps) (gamma NULL: 1) of n channels:
+   gamma * bncy_rsqrt_newton(var + eps), within a few double ulps of the quotient (so the scale
+   in the compute type is the rounded quotient but where that lies within ~1e-15 of a tie), in a
+   loop that vectorizes; a variance outside the range of the estimate (0, subnormal, Inf, NaN,
+   negative) takes the quotient itself. One function for every normalize, so that the training
+   forward, the inference and the synchronized paths agree. */
+static void FN(affine_scales)(double *BNCY_RESTRICT s, const double *BNCY_RESTRICT gamma,
+                              const double *BNCY_RESTRICT var, double eps, int64_t n) {
+    int64_t c, odd = 0;
+    if (gamma) {
+        BNCY_IVDEP for (c = 0; c < n; c++) {
+            const double v = var[c] + eps;
+            s[c] = gamma[c] * bncy_rsqrt_newton(v);
+            odd += !(v >= BNCY_RSQRT_LO && v <= BNCY_RSQRT_HI);
+        }
+    } else {
+        BNCY_IVDEP for (c = 0; c < n; c++) {
+            const double v = var[c] + eps;
+            s[c] = bncy_rsqrt_newton(v);
+            odd += !(v >= BNCY_RSQRT_LO && v <= BNCY_RSQRT_HI);
+        }
+    }
+    for (c = 0; odd && c < n; c++) {
+        const double v = var[c] + eps;
+        if (!(v >= BNCY_RSQRT_LO && v <= BNCY_RSQRT_HI))
+            s[c] = (gamma ? gamma[c] : 1.0) / sqrt(v);
+    }
+}
+
 /* Channels [c0, c1) of a normalize's per-channel work: the scale (gamma / sqrt(var + eps) where
    var is given, into sbuf; else the given scale), the constants k = [hi | a | b] and their
    rotated copy rot (flat walk; NULL otherwise). */
@@ -1087,9 +1124,8 @@ static void FN(norm_chan_range)(int64_t C, int64_t c0, int64_t c1, const double 
                                 const double *scale, const double *var, const double *gamma,
                                 double eps, const double *shift, double *sbuf, CT *k, CT *rot,
                                 int64_t k0) {
-    int64_t c;
     if (var) {
-        for (c = c0; c < c1; c++) sbuf[c] = bncy_affine_scale(gamma, c, var[c], eps);
+        FN(affine_scales)(sbuf + c0, gamma ? gamma + c0 : NULL, var + c0, eps, c1 - c0);
         scale = sbuf;
     }
     FN(make_consts)(k + c0, k + C + c0, k + 2 * C + c0, c1 - c0, mean + c0, scale + c0,
@@ -1097,9 +1133,31 @@ static void FN(norm_chan_range)(int64_t C, int64_t c0, int64_t c1, const double 
     if (rot) FN(rotate_consts_range)(rot, k, C, k0, c0, c1, 3);
 }
 
+/* Whether each thread of an elementwise pass computes every channel's constants itself (into a
+   scratch of its own) rather than a share of them for all: where the walk gives every thread
+   whole rows (so each reads every channel's constants), a few channels and enough rows per
+   thread. Reading constants another core wrote costs more per channel than computing them: on
+   the first machine, a normalize of (256, 1024) float32 on two threads took 18.4 us with shared
+   constants and 16.0 us with its own in each thread (C harness). The constants are the same
+   either way (each channel's are computed alone, by the same code). */
+BNCY_INLINE int FN(consts_per_thread)(const bncy_walk *w, bncy_shape sh, int nt) {
+    return nt > 1 && (w->mode == BNCY_WALK_FLAT || w->mode == BNCY_WALK_ROWS) &&
+           sh.chan <= BNCY_LOCAL_CONSTS_MAX && sh.outer * sh.inner >= BNCY_LOCAL_CONSTS_ROWS * nt;
+}
+
+/* The bytes of one set of a normalize's scratch: the scale (doubles, with var), then
+   [hi | a | b] and their rotated copy (flat walk), each aligned, wherever in a line the set
+   starts; a whole number of lines, so that per-thread sets share none. */
+BNCY_INLINE size_t FN(norm_scratch_bytes)(int64_t C, int with_var, int flat) {
+    const size_t n = (size_t)(with_var ? C : 0) * sizeof(double) +
+                     (size_t)((flat ? 6 : 3) * C) * sizeof(CT) + 3 * BNCY_ALIGN;
+    return (n + BNCY_ALIGN - 1) / BNCY_ALIGN * BNCY_ALIGN;
+}
+
 /* y = (x - mean) * scale + shift, or with var given (scale NULL) the affine inference
-   y = (x - mean) * gamma / sqrt(var + eps) + shift: the per-channel constants, split by
-   channels, then the elementwise pass, in one parallel region. */
+   y = (x - mean) * gamma / sqrt(var + eps) + shift: the per-channel constants (split by
+   channels, or all of them in every thread: FN(consts_per_thread)), then the elementwise pass,
+   in one parallel region. */
 static int FN(normalize_team)(const T *x, bncy_strides xs, T *y, bncy_strides ys, bncy_shape sh,
                               const double *mean, const double *scale, const double *var,
                               const double *gamma, double eps, const double *shift,
@@ -1108,27 +1166,34 @@ static int FN(normalize_team)(const T *x, bncy_strides xs, T *y, bncy_strides ys
     const int64_t n_chunks = bncy_cdiv(C, BNCY_CONSTS_CHUNK);
     const int nt = bncy_threads_for(M * C, n_threads);
     const int flat = FN(norm_flat)(sh, xs, ys);
+    const size_t set_bytes = FN(norm_scratch_bytes)(C, var != NULL, flat);
     bncy_walk w;
-    double *sbuf;
-    CT *k, *rot;
+    int local;
+    char *scratch;
     if (M == 0 || C == 0) return BNCY_OK;
-    /* the scale (doubles, with var), then [hi | a | b] and their rotated copy, each aligned */
-    sbuf = (double *)malloc((size_t)(var ? C : 0) * sizeof(double) +
-                            (size_t)((flat ? 6 : 3) * C) * sizeof(CT) + 2 * BNCY_ALIGN);
-    if (!sbuf) return BNCY_ERR_NOMEM;
-    k = (CT *)bncy_align_up(sbuf + (var ? C : 0));
-    rot = flat ? (CT *)bncy_align_up(k + 3 * C) : NULL;
     w = FN(norm_setup)(y, sh, xs, ys, flat);
+    local = FN(consts_per_thread)(&w, sh, nt);
+    scratch = (char *)malloc(set_bytes * (size_t)(local ? nt : 1));
+    if (!scratch) return BNCY_ERR_NOMEM;
     BNCY_TEAM(nt, {
+        /* this thread's set (its own, or the one all share) */
+        double *sbuf = (double *)bncy_align_up(scratch + (local ? bncy_team_rank() : 0) *
+                                                             set_bytes);
+        CT *k = (CT *)bncy_align_up(sbuf + (var ? C : 0));
+        CT *rot = flat ? (CT *)bncy_align_up(k + 3 * C) : NULL;
         int64_t u;
-        BNCY_TEAM_FOR(u, n_chunks, {
-            const int64_t c0 = u * BNCY_CONSTS_CHUNK;
-            FN(norm_chan_range)(C, c0, bncy_min64(C, c0 + BNCY_CONSTS_CHUNK), mean, scale, var,
-                                gamma, eps, shift, sbuf, k, rot, w.k0);
-        });
+        if (local) {
+            FN(norm_chan_range)(C, 0, C, mean, scale, var, gamma, eps, shift, sbuf, k, rot, w.k0);
+        } else {
+            BNCY_TEAM_FOR(u, n_chunks, {
+                const int64_t c0 = u * BNCY_CONSTS_CHUNK;
+                FN(norm_chan_range)(C, c0, bncy_min64(C, c0 + BNCY_CONSTS_CHUNK), mean, scale,
+                                    var, gamma, eps, shift, sbuf, k, rot, w.k0);
+            });
+        }
         FN(norm_units)(&w, x, xs, y, ys, sh, k, rot);
     });
-    free(sbuf);
+    free(scratch);
     return BNCY_OK;
 }
 
@@ -1211,7 +1276,7 @@ static BNCY_NOINLINE void FN(train_fused_unit)(const T *x, bncy_strides xs, T *y
                               part + (2 * G + g) * nc, pf);
     }
     FN(merge_groups)(part, G, nc, nc, w, mean + c0, var + c0, 1);
-    for (c = 0; c < nc; c++) scale[c] = bncy_affine_scale(gamma, c0 + c, var[c0 + c], eps);
+    FN(affine_scales)(scale, gamma ? gamma + c0 : NULL, var + c0, eps, nc);
     FN(make_consts)(hi, a, b, nc, mean + c0, scale, beta ? beta + c0 : NULL);
     for (o = 0; o < sh.outer; o++)
         for (c = 0; c < nc; c++)

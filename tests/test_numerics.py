@@ -226,3 +226,45 @@ def test_variance_never_negative(dtype, offset):
         mask = np.arange(5000).reshape(mshape) % 3 != 0
         _, mvar = bn_cy.moments(xx, axis, mask=mask)
         assert np.all(mvar >= 0)
+
+
+# ------------------------------------------------------------------------------------------
+# the inference scale gamma / sqrt(var + eps) over the whole range of variances
+
+
+def _wide_variances(n, seed):
+    """Variances log-uniform over 1e-300..1e300, then the ones outside that range or special."""
+    rng = np.random.default_rng(seed)
+    var = 10.0 ** rng.uniform(-300.0, 300.0, n)
+    special = [0.0, 5e-324, 1e-310, 2e-300, 1e-3, 1.0, 4.0, 9e299, 1e305, np.inf, np.nan]
+    var[: len(special)] = special
+    return var
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+@pytest.mark.parametrize("epsilon", [0.0, 1e-3])
+@pytest.mark.parametrize("layout", ["rows", "planes"])
+def test_inference_scale_over_the_whole_variance_range(layout, epsilon, n_threads):
+    """float64 data: y within a few ulps of float64 math for every variance, Inf and NaN where
+    the quotient has them (var + eps of 0 gives an infinite scale)."""
+    C, rows = 203, 256  # enough rows per thread for the per-thread constants
+    rng = np.random.default_rng(11)
+    if layout == "rows":
+        x, axis = rng.standard_normal((rows, C)), -1
+    else:
+        x, axis = rng.standard_normal((4, C, rows // 4 + 13)), 1
+    var = _wide_variances(C, seed=12)
+    mean = rng.standard_normal(C) * 0.1
+    gamma, beta = rng.uniform(0.5, 2.0, C), rng.standard_normal(C)
+    y = bn_cy.batch_norm(x, mean, var, gamma, beta, axis=axis, epsilon=epsilon,
+                         n_threads=n_threads)
+    ref = ref_batch_norm(x, mean, var, gamma, beta, axis=axis, eps=epsilon)
+    finite = np.isfinite(ref)
+    assert np.array_equal(np.isnan(y), np.isnan(ref))
+    assert np.array_equal(y[~finite & ~np.isnan(ref)], ref[~finite & ~np.isnan(ref)])
+    err = np.abs(y[finite] - ref[finite])
+    # the scale to a few ulps; (x - mean) * scale + beta adds a few roundings more
+    scale_term = np.abs(ref[finite] - np.broadcast_to(
+        beta.reshape((-1, 1) if axis == 1 else (1, -1)), x.shape)[finite])
+    bound = 8 * np.finfo(np.float64).eps * (scale_term + np.abs(ref[finite])) + 1e-300
+    assert np.all(err <= bound), (err / bound).max()
