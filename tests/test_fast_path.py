@@ -136,3 +136,51 @@ def test_output_overlapping_an_input_is_computed_aside():
     y = bn_cy.batch_norm_train(x, out=out)[0]
     assert y is out
     np.testing.assert_array_equal(out, expect)
+
+
+@pytest.mark.parametrize("channels", [7, 1024])
+def test_float32_vectors_changed_in_place_between_calls_are_seen(channels):
+    """float32 per-channel vectors are copied to float64 into room kept from call to call, and
+    only rewritten when some value changed: every change must reach the kernels (one value, a
+    sign of zero, a NaN, all of them), as must a new vector length. The float64 vectors are the
+    kernels' own input, with no room involved."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((300, channels)).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    mean = rng.standard_normal(channels).astype(np.float32)
+    var = rng.uniform(0.5, 2.0, channels).astype(np.float32)
+    gamma = rng.uniform(0.5, 2.0, channels).astype(np.float32)
+    beta = rng.standard_normal(channels).astype(np.float32)
+
+    def expected():
+        return bn_cy.batch_norm(x, mean.astype(np.float64), var.astype(np.float64),
+                                gamma.astype(np.float64), beta.astype(np.float64))
+
+    def check():
+        got = bn_cy.batch_norm(x, mean, var, gamma, beta)
+        ref = expected()
+        assert np.array_equal(got.view(np.uint32), ref.view(np.uint32))
+        y, m, v = bn_cy.batch_norm_train(x, gamma, beta)
+        y64, m64, v64 = bn_cy.batch_norm_train(x, gamma.astype(np.float64), beta.astype(np.float64))
+        assert np.array_equal(y.view(np.uint32), y64.view(np.uint32))
+        dx, dg, db = bn_cy.batch_norm_backward(dy, x, mean, var, gamma)
+        dx64, _, _ = bn_cy.batch_norm_backward(dy, x, mean.astype(np.float64),
+                                               var.astype(np.float64), gamma.astype(np.float64))
+        assert np.array_equal(dx.view(np.uint32), dx64.view(np.uint32))
+
+    check()
+    check()  # unchanged vectors: the room is reused as it is
+    gamma[channels // 2] *= 1.5
+    check()
+    beta[0] = 0.0
+    check()
+    beta[0] = -0.0  # equal to 0.0, but another value
+    check()
+    assert _kernels.batch_norm_plain(x, mean, var, gamma, beta, -1, 1e-3, None, None) is not None
+    mean[-1] = np.float32(np.nan)
+    check()
+    var[:] = var[::-1].copy()
+    check()
+    # another length, then this one again (the room's slots move with the length)
+    bn_cy.batch_norm(x[:, :3], mean[:3], var[:3], gamma[:3], beta[:3])
+    check()
