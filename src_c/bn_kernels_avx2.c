@@ -15,9 +15,11 @@
 #pragma GCC target("avx2,fma")
 #endif
 
+#define BNCY_ISA_FMA 1
 #define ISA avx2
 #include "bn_kernels_instances.h"
 #undef ISA
+#undef BNCY_ISA_FMA
 
 #if defined(__clang__)
 #pragma clang attribute pop

@@ -18,9 +18,11 @@
 #pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,prefer-vector-width=512")
 #endif
 
+#define BNCY_ISA_FMA 1
 #define ISA avx512
 #include "bn_kernels_instances.h"
 #undef ISA
+#undef BNCY_ISA_FMA
 
 #if defined(__clang__)
 #pragma clang attribute pop

@@ -5,8 +5,20 @@
  */
 #include "bn_stream.h"
 
+/* MULADD_F / MULADD_D (a * b + c in float / double): one fused multiply-add where the variant has
+   the instruction (BNCY_ISA_FMA, defined by the AVX2 and AVX-512 translation units), else a
+   multiply and an add. Each variant's results stay its own for any thread count. */
+#if defined(BNCY_ISA_FMA) && (defined(__GNUC__) || defined(__clang__))
+#define MULADD_F(a, b, c) __builtin_fmaf(a, b, c)
+#define MULADD_D(a, b, c) __builtin_fma(a, b, c)
+#else
+#define MULADD_F(a, b, c) ((a) * (b) + (c))
+#define MULADD_D(a, b, c) ((a) * (b) + (c))
+#endif
+
 #define T float
 #define CT float
+#define MULADD MULADD_F
 #define SFX f32
 #define LOAD(p) (*(p))
 #define STORE(p, v) (*(p) = (v))
@@ -23,6 +35,7 @@
 #undef SFX
 #undef LOAD
 #undef STORE
+#undef MULADD
 #undef STREAMS
 #undef STREAM_ROWS
 #undef STREAM_PLANE
@@ -31,6 +44,7 @@
 
 #define T double
 #define CT double
+#define MULADD MULADD_D
 #define SFX f64
 #define LOAD(p) (*(p))
 #define STORE(p, v) (*(p) = (v))
@@ -47,6 +61,7 @@
 #undef SFX
 #undef LOAD
 #undef STORE
+#undef MULADD
 #undef STREAMS
 #undef STREAM_ROWS
 #undef STREAM_PLANE
@@ -55,6 +70,7 @@
 
 #define T bncy_half
 #define CT float
+#define MULADD MULADD_F
 #define SFX f16
 #define LOAD(p) bncy_half_to_float(*(p))
 #define STORE(p, v) (*(p) = bncy_float_to_half(v))
@@ -64,9 +80,11 @@
 #undef SFX
 #undef LOAD
 #undef STORE
+#undef MULADD
 
 #define T bncy_bfloat16
 #define CT float
+#define MULADD MULADD_F
 #define SFX bf16
 #define LOAD(p) bncy_bf16_to_float(*(p))
 #define STORE(p, v) (*(p) = bncy_float_to_bf16(v))
@@ -76,3 +94,4 @@
 #undef SFX
 #undef LOAD
 #undef STORE
+#undef MULADD

@@ -137,9 +137,15 @@ static BNCY_NOINLINE void FN(rows_tile_dev)(double *BNCY_RESTRICT s1, double *BN
                 /* the first rows add into 0.0 (as into zeroed sums), with no zeroing pass */
                 s1[c] = (r ? s1[c] : 0.0) +
                         (double)(((d0 + d1) + (d2 + d3)) + ((d4 + d5) + (d6 + d7)));
-                s2[c] = (r ? s2[c] : 0.0) +
-                        (double)(((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)) +
-                                 ((d4 * d4 + d5 * d5) + (d6 * d6 + d7 * d7)));
+                CT q = d0 * d0;
+                q = MULADD(d1, d1, q);
+                q = MULADD(d2, d2, q);
+                q = MULADD(d3, d3, q);
+                q = MULADD(d4, d4, q);
+                q = MULADD(d5, d5, q);
+                q = MULADD(d6, d6, q);
+                q = MULADD(d7, d7, q);
+                s2[c] = (r ? s2[c] : 0.0) + (double)q;
             }
         }
     }
