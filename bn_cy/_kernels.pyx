@@ -265,11 +265,11 @@ cdef const void *_mask_ptr(object mask, bint rev, list keep) except? NULL:
     return cnp.PyArray_DATA(m)
 
 
-cdef const double *_vec(object v, list keep, double *room=NULL) except? NULL:
+cdef const double *_vec(object v, list keep, double *room=NULL, bint kept=False) except? NULL:
     """A per-channel vector as float64 data: the array's own when it is contiguous float64, a
     converted copy for contiguous float32 -- into `room` (the caller's, of the vector's length)
-    when given, and there only when some value differs from what room holds (see _Room), else a
-    new array held in `keep` until the call ends."""
+    when given (with `kept`, room kept from the last call, written only when some value differs
+    from what it holds: see _Room), else a new array held in `keep` until the call ends."""
     if v is None:
         return NULL
     cdef cnp.ndarray a = <cnp.ndarray>v
@@ -290,8 +290,8 @@ cdef const double *_vec(object v, list keep, double *room=NULL) except? NULL:
             room = <double *>cnp.PyArray_DATA(d)
         s = <const float *>cnp.PyArray_DATA(a)
         o = <uint64_t *>room
-        differ = 0
-        for i in range(n):  # a branch-free pass (it vectorizes); bits: -0.0 and NaNs count
+        differ = not kept
+        for i in range(n if kept else 0):  # branch-free (it vectorizes); -0.0 and NaNs count
             value = s[i]
             memcpy(&bits, &value, sizeof(bits))
             differ |= o[i] ^ bits
@@ -350,8 +350,19 @@ cdef enum:
 # only the values that changed since the last call written. The kernels' threads read these
 # vectors; a line the calling thread wrote since their last read has to come from its core,
 # an unchanged one is still in their caches. On the first machine, writing the four vectors of
-# a 1024-channel inference anew made the 17 us call 23 us.
+# a 1024-channel inference anew made the 17 us call 23 us. Calls the kernels run on one thread
+# (_threads_share) convert into room on the stack or one malloc'd block as before: taking the
+# kept block costs a few tenths of a microsecond, a fifth of a tiny call.
 _room_local = threading.local()
+
+
+cdef enum:
+    PARALLEL_MIN = 32768  # the kernels' BNCY_PARALLEL_MIN: fewer elements run on one thread
+
+
+cdef inline bint _threads_share(cnp.ndarray x, int n_threads):
+    """Whether the kernels may run a call on x on more than one thread."""
+    return n_threads > 1 and cnp.PyArray_SIZE(x) >= PARALLEL_MIN
 
 
 cdef class _Room:
@@ -360,6 +371,7 @@ cdef class _Room:
     cdef double *data
     cdef cnp.npy_intp channels
 
+    # (only for calls that _threads_share)
     def __cinit__(self, cnp.npy_intp slots, cnp.npy_intp channels):
         cdef cnp.npy_intp n = slots * channels
         cdef object block = getattr(_room_local, "block", None)
@@ -439,7 +451,11 @@ cdef object _batch_norm(cnp.ndarray x, int axis, object out, object mean, object
     cdef bint rev = _choose_reversed(x, axis)
     x = _input(x, axis, rev, &sh, &xs)
     cdef cnp.ndarray y = _output(out, x, axis, rev, (x,), &ys)
-    cdef _Room room = _Room(4, sh.chan)
+    cdef double stack[4 * ROOM_CHANNELS]
+    cdef _Room room = _Room(4, sh.chan) if _threads_share(x, n_threads) else None
+    cdef double *heap = NULL
+    cdef double *base
+    cdef bint kept = room is not None
     cdef const void *px = cnp.PyArray_DATA(x)
     cdef void *py = cnp.PyArray_DATA(y)
     cdef const double *pm
@@ -447,11 +463,17 @@ cdef object _batch_norm(cnp.ndarray x, int axis, object out, object mean, object
     cdef const double *pg
     cdef const double *pb
     cdef int kind = _kind(x), status
+    if kept:
+        base = room.data
+    elif sh.chan <= ROOM_CHANNELS:
+        base = &stack[0]
+    else:
+        base = heap = _scratch(4 * sh.chan)
     try:
-        pm = _vec(mean, keep, room.at(0))
-        pv = _vec(var, keep, room.at(1))
-        pg = _vec(gamma, keep, room.at(2))
-        pb = _vec(beta, keep, room.at(3))
+        pm = _vec(mean, keep, base, kept)
+        pv = _vec(var, keep, base + sh.chan, kept)
+        pg = _vec(gamma, keep, base + 2 * sh.chan, kept)
+        pb = _vec(beta, keep, base + 3 * sh.chan, kept)
         with nogil:
             if kind == KIND_F32:
                 status = bncy_batch_norm_f32(<const float *>px, xs, <float *>py, ys, sh, pm, pv,
@@ -468,7 +490,9 @@ cdef object _batch_norm(cnp.ndarray x, int axis, object out, object mean, object
                                               n_threads)
         _check(status)
     finally:
-        room.give_back()
+        if kept:
+            room.give_back()
+        free(heap)
     return _finish(out, y)
 
 
@@ -484,7 +508,7 @@ cdef object _batch_norm_train(cnp.ndarray x, int axis, object out, object mask, 
     cdef bncy_strides xs, ys
     cdef bint rev = _choose_reversed(x, axis)
     cdef list keep = []
-    cdef double room[2 * ROOM_CHANNELS]
+    cdef double room[4 * ROOM_CHANNELS]
     x = _input(x, axis, rev, &sh, &xs)
     cdef cnp.ndarray y = _output(out, x, axis, rev, (x,), &ys)
     cdef const void *w = _mask_ptr(mask, rev, keep)
@@ -495,16 +519,17 @@ cdef object _batch_norm_train(cnp.ndarray x, int axis, object out, object mask, 
     # float64 statistics: the returned arrays; others: room (or scratch) narrowed at the end
     cdef cnp.ndarray mean = _vec_empty(sh.chan) if keep64 else None
     cdef cnp.ndarray var = _vec_empty(sh.chan) if keep64 else None
-    cdef double *heap = NULL if sh.chan <= ROOM_CHANNELS else _scratch(2 * sh.chan)
+    cdef double *heap = NULL if sh.chan <= ROOM_CHANNELS else _scratch(4 * sh.chan)
     cdef double *base = &room[0] if heap == NULL else heap
     cdef double *pm = <double *>cnp.PyArray_DATA(mean) if keep64 else base
     cdef double *pv = <double *>cnp.PyArray_DATA(var) if keep64 else pm + sh.chan
     cdef const double *pg
     cdef const double *pb
-    cdef _Room vectors = _Room(2, sh.chan)
+    cdef _Room vectors = _Room(2, sh.chan) if _threads_share(x, n_threads) else None
+    cdef bint kept = vectors is not None
     try:
-        pg = _vec(gamma, keep, vectors.at(0))
-        pb = _vec(beta, keep, vectors.at(1))
+        pg = _vec(gamma, keep, vectors.at(0) if kept else base + 2 * sh.chan, kept)
+        pb = _vec(beta, keep, vectors.at(1) if kept else base + 3 * sh.chan, kept)
         with nogil:
             status = _train_call(kind, px, xs, py, ys, sh, w, pg, pb, eps, pm, pv, n_threads)
         _check(status)
@@ -512,7 +537,8 @@ cdef object _batch_norm_train(cnp.ndarray x, int axis, object out, object mask, 
             return _finish(out, y), mean, var
         return _finish(out, y), _f32_vector(pm, sh.chan), _f32_vector(pv, sh.chan)
     finally:
-        vectors.give_back()
+        if kept:
+            vectors.give_back()
         free(heap)
 
 
@@ -586,16 +612,26 @@ cdef object _batch_norm_backward(cnp.ndarray dy, cnp.ndarray x, int axis, object
     cdef const void *px = cnp.PyArray_DATA(x)
     cdef const void *pdy = cnp.PyArray_DATA(dy)
     cdef void *pdx = cnp.PyArray_DATA(dx)
-    cdef _Room room = _Room(3, sh.chan)
+    cdef double stack[3 * ROOM_CHANNELS]
+    cdef _Room room = _Room(3, sh.chan) if _threads_share(x, n_threads) else None
+    cdef double *heap = NULL
+    cdef double *base
+    cdef bint kept = room is not None
     cdef const double *pm
     cdef const double *pv
     cdef const double *pg
     cdef int kind = _kind(x), status
     cdef int train = 1 if training else 0
+    if kept:
+        base = room.data
+    elif sh.chan <= ROOM_CHANNELS:
+        base = &stack[0]
+    else:
+        base = heap = _scratch(3 * sh.chan)
     try:
-        pm = _vec(mean, keep, room.at(0))
-        pv = _vec(var, keep, room.at(1))
-        pg = _vec(gamma, keep, room.at(2))
+        pm = _vec(mean, keep, base, kept)
+        pv = _vec(var, keep, base + sh.chan, kept)
+        pg = _vec(gamma, keep, base + 2 * sh.chan, kept)
         with nogil:
             if kind == KIND_F32:
                 status = bncy_batch_norm_backward_f32(<const float *>pdy, dys,
@@ -620,7 +656,9 @@ cdef object _batch_norm_backward(cnp.ndarray dy, cnp.ndarray x, int axis, object
                                                        train, pdg, pdb, n_threads)
         _check(status)
     finally:
-        room.give_back()
+        if kept:
+            room.give_back()
+        free(heap)
     return (_finish(out, dx), _narrow(dgamma, kind == KIND_F64),
             _narrow(dbeta, kind == KIND_F64))
 

@@ -143,7 +143,8 @@ def test_float32_vectors_changed_in_place_between_calls_are_seen(channels):
     """float32 per-channel vectors are copied to float64 into room kept from call to call, and
     only rewritten when some value changed: every change must reach the kernels (one value, a
     sign of zero, a NaN, all of them), as must a new vector length. The float64 vectors are the
-    kernels' own input, with no room involved."""
+    kernels' own input, with no room involved. 1024 channels of 300 rows on two threads take the
+    kept room; 7 channels (a call run on one thread) the room of the call."""
     rng = np.random.default_rng(3)
     x = rng.standard_normal((300, channels)).astype(np.float32)
     dy = rng.standard_normal(x.shape).astype(np.float32)
@@ -154,18 +155,20 @@ def test_float32_vectors_changed_in_place_between_calls_are_seen(channels):
 
     def expected():
         return bn_cy.batch_norm(x, mean.astype(np.float64), var.astype(np.float64),
-                                gamma.astype(np.float64), beta.astype(np.float64))
+                                gamma.astype(np.float64), beta.astype(np.float64), n_threads=2)
 
     def check():
-        got = bn_cy.batch_norm(x, mean, var, gamma, beta)
+        got = bn_cy.batch_norm(x, mean, var, gamma, beta, n_threads=2)
         ref = expected()
         assert np.array_equal(got.view(np.uint32), ref.view(np.uint32))
-        y, m, v = bn_cy.batch_norm_train(x, gamma, beta)
-        y64, m64, v64 = bn_cy.batch_norm_train(x, gamma.astype(np.float64), beta.astype(np.float64))
+        y, _, _ = bn_cy.batch_norm_train(x, gamma, beta, n_threads=2)
+        y64, _, _ = bn_cy.batch_norm_train(x, gamma.astype(np.float64), beta.astype(np.float64),
+                                           n_threads=2)
         assert np.array_equal(y.view(np.uint32), y64.view(np.uint32))
-        dx, dg, db = bn_cy.batch_norm_backward(dy, x, mean, var, gamma)
+        dx, _, _ = bn_cy.batch_norm_backward(dy, x, mean, var, gamma, n_threads=2)
         dx64, _, _ = bn_cy.batch_norm_backward(dy, x, mean.astype(np.float64),
-                                               var.astype(np.float64), gamma.astype(np.float64))
+                                               var.astype(np.float64), gamma.astype(np.float64),
+                                               n_threads=2)
         assert np.array_equal(dx.view(np.uint32), dx64.view(np.uint32))
 
     check()
