@@ -390,6 +390,18 @@ cdef class _Room:
         _room_local.block = self.block
 
 
+cdef double *_vec_base(_Room room, double *stack, int slots, cnp.npy_intp channels,
+                       double **heap) except NULL:
+    """Where a call puts its converted vectors: the kept room when it has one, else the caller's
+    stack room (of `slots` x ROOM_CHANNELS), else a new block (*heap; the caller frees it)."""
+    if room is not None:
+        return room.data
+    if channels <= ROOM_CHANNELS:
+        return stack
+    heap[0] = _scratch(slots * channels)
+    return heap[0]
+
+
 cdef object _moments(cnp.ndarray x, int axis, object mask, int n_threads):
     cdef bncy_shape sh
     cdef bncy_strides xs
@@ -463,12 +475,7 @@ cdef object _batch_norm(cnp.ndarray x, int axis, object out, object mean, object
     cdef const double *pg
     cdef const double *pb
     cdef int kind = _kind(x), status
-    if kept:
-        base = room.data
-    elif sh.chan <= ROOM_CHANNELS:
-        base = &stack[0]
-    else:
-        base = heap = _scratch(4 * sh.chan)
+    base = _vec_base(room, &stack[0], 4, sh.chan, &heap)
     try:
         pm = _vec(mean, keep, base, kept)
         pv = _vec(var, keep, base + sh.chan, kept)
@@ -622,12 +629,7 @@ cdef object _batch_norm_backward(cnp.ndarray dy, cnp.ndarray x, int axis, object
     cdef const double *pg
     cdef int kind = _kind(x), status
     cdef int train = 1 if training else 0
-    if kept:
-        base = room.data
-    elif sh.chan <= ROOM_CHANNELS:
-        base = &stack[0]
-    else:
-        base = heap = _scratch(3 * sh.chan)
+    base = _vec_base(room, &stack[0], 3, sh.chan, &heap)
     try:
         pm = _vec(mean, keep, base, kept)
         pv = _vec(var, keep, base + sh.chan, kept)
