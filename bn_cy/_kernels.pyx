@@ -289,12 +289,14 @@ cdef const double *_vec(object v, list keep, double *room=NULL, bint kept=False)
             keep.append(d)
             room = <double *>cnp.PyArray_DATA(d)
         s = <const float *>cnp.PyArray_DATA(a)
-        o = <uint64_t *>room
-        differ = not kept
-        for i in range(n if kept else 0):  # branch-free (it vectorizes); -0.0 and NaNs count
-            value = s[i]
-            memcpy(&bits, &value, sizeof(bits))
-            differ |= o[i] ^ bits
+        differ = 1
+        if kept:
+            o = <uint64_t *>room
+            differ = 0
+            for i in range(n):  # branch-free (it vectorizes); -0.0 and NaNs count
+                value = s[i]
+                memcpy(&bits, &value, sizeof(bits))
+                differ |= o[i] ^ bits
         if differ:
             for i in range(n):
                 room[i] = s[i]
@@ -366,12 +368,11 @@ cdef inline bint _threads_share(cnp.ndarray x, int n_threads):
 
 
 cdef class _Room:
-    """Room for `slots` vectors of `channels` float64 values (see above); `at(k)` is slot k."""
+    """The kept room (see above) taken for one call that _threads_share: `data` holds `slots`
+    vectors of `channels` float64 values, one after the other; give_back() returns it."""
     cdef cnp.ndarray block
     cdef double *data
-    cdef cnp.npy_intp channels
 
-    # (only for calls that _threads_share)
     def __cinit__(self, cnp.npy_intp slots, cnp.npy_intp channels):
         cdef cnp.npy_intp n = slots * channels
         cdef object block = getattr(_room_local, "block", None)
@@ -381,10 +382,6 @@ cdef class _Room:
             block = np.zeros(max(n, 4 * ROOM_CHANNELS), np.float64)
         self.block = <cnp.ndarray>block
         self.data = <double *>cnp.PyArray_DATA(self.block)
-        self.channels = channels
-
-    cdef double *at(self, int slot):
-        return self.data + slot * self.channels
 
     cdef void give_back(self):
         _room_local.block = self.block
@@ -534,9 +531,11 @@ cdef object _batch_norm_train(cnp.ndarray x, int axis, object out, object mask, 
     cdef const double *pb
     cdef _Room vectors = _Room(2, sh.chan) if _threads_share(x, n_threads) else None
     cdef bint kept = vectors is not None
+    # gamma and beta: the kept room, or the two slots after the statistics'
+    cdef double *gb = vectors.data if kept else base + 2 * sh.chan
     try:
-        pg = _vec(gamma, keep, vectors.at(0) if kept else base + 2 * sh.chan, kept)
-        pb = _vec(beta, keep, vectors.at(1) if kept else base + 3 * sh.chan, kept)
+        pg = _vec(gamma, keep, gb, kept)
+        pb = _vec(beta, keep, gb + sh.chan, kept)
         with nogil:
             status = _train_call(kind, px, xs, py, ys, sh, w, pg, pb, eps, pm, pv, n_threads)
         _check(status)

@@ -91,8 +91,10 @@
 #define BNCY_TARGET_UNITS 64    /* aim for this many independent units when the work allows */
 #define BNCY_PLANE_FEW_GROUPS 8 /* planes statistics with fewer groups split channels too */
 #define BNCY_PARALLEL_MIN 32768 /* below this many elements a call runs without a parallel region */
-#define BNCY_LOCAL_CONSTS_MAX 4096 /* elementwise passes over rows with at most this many */
-#define BNCY_LOCAL_CONSTS_ROWS 64  /* channels and this many rows per thread: constants per thread */
+/* rows passes of at most BNCY_LOCAL_CONSTS_MAX channels and BNCY_LOCAL_CONSTS_ROWS or more rows
+   per thread compute their constants in every thread */
+#define BNCY_LOCAL_CONSTS_MAX 4096
+#define BNCY_LOCAL_CONSTS_ROWS 64
 #define BNCY_WIDE_ROW_BYTES 2048 /* flat rows this long are walked one at a time */
 #define BNCY_ELEM_BLOCK 16384   /* elements per unit of the elementwise passes */
 #define BNCY_LANES 8            /* independent accumulators along a plane (fixed summation order) */
@@ -369,6 +371,7 @@ static inline void bncy_finish_moments(double w, double *mean, double *var) {
    rounding: at most 2 ulps from 1 / sqrt(v) over 2e7 values from 1e-100 to 1e100). */
 #define BNCY_RSQRT_LO 1e-300
 #define BNCY_RSQRT_HI 1e300
+static inline int bncy_rsqrt_in_range(double v) { return v >= BNCY_RSQRT_LO && v <= BNCY_RSQRT_HI; }
 static inline double bncy_rsqrt_newton(double v) {
     const double h = 0.5 * v;
     uint64_t bits;

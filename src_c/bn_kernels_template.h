@@ -1107,19 +1107,18 @@ static void FN(affine_scales)(double *BNCY_RESTRICT s, const double *BNCY_RESTRI
         BNCY_IVDEP for (c = 0; c < n; c++) {
             const double v = var[c] + eps;
             s[c] = gamma[c] * bncy_rsqrt_newton(v);
-            odd += !(v >= BNCY_RSQRT_LO && v <= BNCY_RSQRT_HI);
+            odd += !bncy_rsqrt_in_range(v);
         }
     } else {
         BNCY_IVDEP for (c = 0; c < n; c++) {
             const double v = var[c] + eps;
             s[c] = bncy_rsqrt_newton(v);
-            odd += !(v >= BNCY_RSQRT_LO && v <= BNCY_RSQRT_HI);
+            odd += !bncy_rsqrt_in_range(v);
         }
     }
     for (c = 0; odd && c < n; c++) {
         const double v = var[c] + eps;
-        if (!(v >= BNCY_RSQRT_LO && v <= BNCY_RSQRT_HI))
-            s[c] = (gamma ? gamma[c] : 1.0) / sqrt(v);
+        if (!bncy_rsqrt_in_range(v)) s[c] = (gamma ? gamma[c] : 1.0) / sqrt(v);
     }
 }
 
