@@ -125,6 +125,8 @@ cdef extern from "../src_c/bn_cy.h" nogil:
                             double eps, int training, double wtotal, const double *sdy,
                             const double *sdyx, int n_threads)
 
+    int bncy_moments_in_team_f64(const double *x, bncy_strides xs, bncy_shape sh, double *mean,
+                                 double *var, int team, int n_threads)
     int bncy_openmp_enabled()
     int bncy_omp_max_threads()
     int bncy_num_procs()

@@ -978,6 +978,25 @@ def batch_norm_backward_plain(dy, x, mean, var, gamma, axis, epsilon, training, 
 # Build and runtime facts
 # ---------------------------------------------------------------------------------------------
 
+def moments_in_team(cnp.ndarray x, int axis, int team, int n_threads):
+    """For the tests: the moments of float64 `x` (feature axis `axis`) computed by each of
+    `team` threads of one OpenMP region, as if called from a caller's own team; returns
+    (mean, var), each (team, channels), row t from thread t."""
+    cdef bncy_shape sh
+    cdef bncy_strides xs
+    cdef bint rev = _choose_reversed(x, axis)
+    x = _input(np.asarray(x, dtype=np.float64), axis, rev, &sh, &xs)
+    cdef cnp.ndarray mean = np.empty((team, sh.chan), dtype=np.float64)
+    cdef cnp.ndarray var = np.empty((team, sh.chan), dtype=np.float64)
+    cdef int status
+    with nogil:
+        status = bncy_moments_in_team_f64(<const double *>cnp.PyArray_DATA(x), xs, sh,
+                                          <double *>cnp.PyArray_DATA(mean),
+                                          <double *>cnp.PyArray_DATA(var), team, n_threads)
+    _check(status)
+    return mean, var
+
+
 def openmp_enabled():
     return bool(bncy_openmp_enabled())
 

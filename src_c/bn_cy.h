@@ -84,6 +84,11 @@ BNCY_DECLARE(bf16, bncy_bfloat16, float)
 void bncy_ema_f32(float *moving, const float *batch, int64_t n, float momentum, float rest);
 void bncy_ema_f64(double *moving, const double *batch, int64_t n, double momentum, double rest);
 
+/* For the tests: `team` threads of one parallel region (a caller's own) each compute the
+   moments of x with n_threads into their row of mean/var (team x chan). */
+int bncy_moments_in_team_f64(const double *x, bncy_strides xs, bncy_shape sh, double *mean,
+                             double *var, int team, int n_threads);
+
 /* Build and runtime facts. */
 int bncy_openmp_enabled(void);      /* 1 when compiled with OpenMP */
 int bncy_omp_max_threads(void);     /* omp_get_max_threads(), or 1 without OpenMP */

@@ -239,6 +239,30 @@ double bncy_stream_min_bytes(void) {
     return v;
 }
 
+/* Each thread of a team of `team` threads, in a parallel region opened here as a caller's own
+   would be, computes the moments of the whole x with n_threads into its own rows t of mean and
+   var (team x chan each). For the tests: a kernel called from inside a caller's team must do
+   all of its own work, as when called alone. Returns the first error of any thread. */
+int bncy_moments_in_team_f64(const double *x, bncy_strides xs, bncy_shape sh, double *mean,
+                             double *var, int team, int n_threads) {
+    int status = BNCY_OK, t;
+    if (team < 1 || sh.chan < 0) return BNCY_ERR_ARG;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static, 1) num_threads(team)
+#endif
+    for (t = 0; t < team; t++) {
+        const int s = bncy_moments_f64(x, xs, sh, NULL, mean + (int64_t)t * sh.chan,
+                                       var + (int64_t)t * sh.chan, n_threads);
+        if (s != BNCY_OK) {
+#ifdef _OPENMP
+#pragma omp critical(bncy_team_status)
+#endif
+            if (status == BNCY_OK) status = s;
+        }
+    }
+    return status;
+}
+
 int bncy_openmp_enabled(void) {
 #ifdef _OPENMP
     return 1;

@@ -206,11 +206,14 @@ static inline bncy_plan bncy_make_plan(bncy_shape sh, bncy_strides xs) {
 
 /* One parallel region for several passes, with the work split inside it (BNCY_TEAM_FOR,
    BNCY_TEAM_TAIL_FIRST): a pass that needs the previous one complete follows a BNCY_TEAM_FOR,
-   which ends at a barrier. nt <= 1 runs the body once, serially, with no region. */
+   which ends at a barrier. nt <= 1 runs the body once, serially, with no region -- unless the
+   caller is itself inside an active parallel region: there the body's worksharing would bind to
+   the caller's team (each thread's call doing only a share of its own work), so it gets a
+   region of its own, of one thread. */
 #if defined(_OPENMP)
 #define BNCY_TEAM(nt, ...)                                              \
     do {                                                                \
-        if ((nt) > 1) {                                                 \
+        if ((nt) > 1 || omp_in_parallel()) {                            \
             BNCY_OMP_PRAGMA(omp parallel num_threads(nt)) { __VA_ARGS__ } \
         } else {                                                        \
             __VA_ARGS__                                                 \

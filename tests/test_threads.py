@@ -251,3 +251,20 @@ def test_last_level_cache_matches_the_kernel_s_listing():
     if expected is None:
         pytest.skip("no cache listing in /sys (not Linux, or a VM that hides it)")
     assert bn_cy.build_info()["last_level_cache_bytes"] == expected
+
+
+@pytest.mark.skipif(not bn_cy.openmp_enabled(), reason="a serial build has no OpenMP team")
+@pytest.mark.parametrize("shape, axis", [((4096, 24), -1), ((64, 12, 300), 1),
+                                         ((256, 1024), -1)])
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_called_from_inside_a_callers_openmp_team(shape, axis, n_threads):
+    # Every thread of a caller's parallel region calls the kernel on the whole input: each must
+    # get the whole result (a kernel's work split must not bind to the caller's team).
+    from bn_cy import _kernels
+    x = np.random.default_rng(11).standard_normal(shape) * 3.0 + 5.0
+    mean, var = bn_cy.moments(x, axis=axis, n_threads=1)
+    for team in (2, 3):
+        tm, tv = _kernels.moments_in_team(x, axis % x.ndim, team, n_threads)
+        for t in range(team):
+            assert np.array_equal(_bits(tm[t]), _bits(mean)), t
+            assert np.array_equal(_bits(tv[t]), _bits(var)), t
