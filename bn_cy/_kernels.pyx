@@ -975,7 +975,7 @@ def batch_norm_backward_plain(dy, x, mean, var, gamma, axis, epsilon, training, 
 
 
 # ---------------------------------------------------------------------------------------------
-# Build and runtime facts
+# For the tests
 # ---------------------------------------------------------------------------------------------
 
 def moments_in_team(cnp.ndarray x, int axis, int team, int n_threads):
@@ -996,6 +996,10 @@ def moments_in_team(cnp.ndarray x, int axis, int team, int n_threads):
     _check(status)
     return mean, var
 
+
+# ---------------------------------------------------------------------------------------------
+# Build and runtime facts
+# ---------------------------------------------------------------------------------------------
 
 def openmp_enabled():
     return bool(bncy_openmp_enabled())
