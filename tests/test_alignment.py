@@ -147,3 +147,39 @@ def test_flat_short_planes_match_the_per_plane_walk(dtype, shape, kx, ky):
     ref = ref_batch_norm(x.astype(np.float64), mean, var, gamma, beta, axis=1, eps=1e-3)
     tol = {np.float16: 2e-3, np.float32: 2e-6, np.float64: 1e-14}[dtype]
     assert np.max(np.abs(y.astype(np.float64) - ref) / (1 + np.abs(ref))) <= tol
+
+
+STATS_CASES = [
+    ((300, 1100), -1),      # blocks of channels, the last not a whole block
+    ((140, 520), -1),       # a block of 256 and a short one
+    ((130, 768), -1),       # whole blocks
+    ((16, 9, 700), -1),     # rows with an outer and an inner index
+    ((200, 64), -1),        # one block of four vectors
+    ((70, 40), -1),         # too few channels for the aligned split
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("shape,axis", STATS_CASES)
+def test_statistics_do_not_depend_on_input_alignment(shape, axis, dtype):
+    """The rows statistics start their wide loop at the first aligned channel (its blocks of
+    channels shifted to match) and cover the channels before and after it with overlapping
+    vectors: the statistics, and the training output, are bitwise the same at every offset of
+    the input in its cache line, and match the float64 oracle."""
+    rng = np.random.default_rng(23)
+    x0 = (7.0 + 3.0 * rng.standard_normal(shape)).astype(dtype)
+    lanes = 64 // np.dtype(dtype).itemsize
+    seen = set()
+    for k in range(lanes):
+        x = at_offset(x0, k)
+        mean, var = bn_cy.moments(x, axis)
+        y, tm, tv = bn_cy.batch_norm_train(x, axis=axis)
+        assert tm.tobytes() == mean.tobytes() and tv.tobytes() == var.tobytes(), k
+        seen.add((mean.tobytes(), var.tobytes(), y.tobytes()))
+    assert len(seen) == 1
+    red = tuple(i for i in range(len(shape)) if i != len(shape) + axis)
+    x64 = x0.astype(np.float64)
+    m_ref, v_ref = x64.mean(axis=red), x64.var(axis=red)
+    tol = {np.float16: 1e-6, np.float32: 1e-6, np.float64: 1e-13}[dtype]
+    assert np.max(np.abs(mean - m_ref) / (np.abs(m_ref) + np.sqrt(v_ref))) <= tol
+    assert np.max(np.abs(var - v_ref) / v_ref) <= tol
