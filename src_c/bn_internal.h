@@ -71,6 +71,9 @@
 #ifndef BNCY_PREFETCH_MIN_BYTES
 #define BNCY_PREFETCH_MIN_BYTES (16.0 * 1024 * 1024) /* inputs smaller than this: no hints */
 #endif
+#ifndef BNCY_LINES_MAX_BYTES
+#define BNCY_LINES_MAX_BYTES (2.0 * 1024 * 1024) /* rows statistics on whole lines up to this */
+#endif
 
 /* ---- work plan -------------------------------------------------------------------------- */
 

@@ -154,8 +154,9 @@ STATS_CASES = [
     ((140, 520), -1),       # a block of 256 and a short one
     ((130, 768), -1),       # whole blocks
     ((16, 9, 700), -1),     # rows with an outer and an inner index
-    ((200, 64), -1),        # one block of four vectors
-    ((70, 40), -1),         # too few channels for the aligned split
+    ((96, 288), -1),        # one block of 18 vectors, rows on whole lines: a head and a tail
+    ((200, 64), -1),        # one block of four vectors: too few for the aligned split
+    ((70, 40), -1),         # too few channels, rows not on whole lines
 ]
 
 
