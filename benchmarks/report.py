@@ -685,6 +685,23 @@ def core_count():
         return os.cpu_count() or 1
 
 
+def bn_cy_origin(package_dir=None, repo=None):
+    """Where the measured bn_cy was imported from, in words that name no path of the machine (the
+    report is meant to be committed): this repository's source tree, an installed copy, or
+    another directory."""
+    if package_dir is None:
+        package_dir = os.path.dirname(os.path.abspath(bn_cy.__file__))
+    if repo is None:
+        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    package_dir, repo = os.path.normcase(package_dir), os.path.normcase(repo)
+    if os.path.dirname(package_dir) == repo:
+        return "this repository's source tree (built in place)"
+    parts = package_dir.split(os.sep)
+    if "site-packages" in parts or "dist-packages" in parts:
+        return "an installed copy (site-packages)"
+    return "a directory outside this repository"
+
+
 def machine_lines():
     info = bn_cy.build_info()
     caches = ", ".join("%s %s" % kv for kv in cache_sizes().items()) or "unknown"
@@ -702,7 +719,7 @@ def machine_lines():
         ("numpy", np.__version__),
         ("torch", _version("torch")),
         ("keras", _version("keras") + (" (backend torch)" if keras_module() is not None else "")),
-        ("bn_cy", "%s from %s" % (info.get("version"), os.path.dirname(bn_cy.__file__))),
+        ("bn_cy", "%s from %s" % (info.get("version"), bn_cy_origin())),
         (
             "bn_cy build",
             "compiler %s, OpenMP %s, SIMD %s (compiled: %s)"

@@ -1,5 +1,7 @@
 """The benchmark inputs themselves: where the big arrays sit in memory (report.PAGE_OFFSETS)."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -27,3 +29,26 @@ def test_inputs_are_placed_apart():
         assert abs(float(data.x.mean()) - 0.5) < 0.05  # x = 0.5 + 2 N(0, 1)
     finally:
         data.close()
+
+
+@pytest.mark.parametrize(
+    "package_dir,expected",
+    [
+        (os.path.join("r", "bn_cy"), "this repository's source tree (built in place)"),
+        (os.path.join("v", "lib", "python3.11", "site-packages", "bn_cy"),
+         "an installed copy (site-packages)"),
+        (os.path.join("r", "build", "bn_cy"), "a directory outside this repository"),
+    ],
+)
+def test_bn_cy_origin_names_no_path(package_dir, expected):
+    """The machine table says where bn_cy came from without this machine's paths."""
+    repo = os.path.abspath("r")
+    got = bench.bn_cy_origin(os.path.abspath(package_dir), repo)
+    assert got == expected
+    assert repo not in got
+
+
+def test_machine_lines_name_no_path():
+    here = os.path.dirname(os.path.abspath(__file__))
+    for _, value in bench.machine_lines():
+        assert os.path.dirname(here) not in value
