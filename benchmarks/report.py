@@ -67,6 +67,8 @@ import numpy as np
 
 import bn_cy
 
+#: the repository this script belongs to (where BENCHMARKS.md is written by default)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPSILON = 1e-3
 
 # ---------------------------------------------------------------------------------------------
@@ -688,18 +690,18 @@ def core_count():
 def bn_cy_origin(package_dir=None, repo=None):
     """Where the measured bn_cy was imported from, in words that name no path of the machine (the
     report is meant to be committed): this repository's source tree, an installed copy, or
-    another directory."""
+    some other directory (a build folder of the repository among them)."""
     if package_dir is None:
         package_dir = os.path.dirname(os.path.abspath(bn_cy.__file__))
     if repo is None:
-        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        repo = REPO
     package_dir, repo = os.path.normcase(package_dir), os.path.normcase(repo)
     if os.path.dirname(package_dir) == repo:
         return "this repository's source tree (built in place)"
     parts = package_dir.split(os.sep)
     if "site-packages" in parts or "dist-packages" in parts:
         return "an installed copy (site-packages)"
-    return "a directory outside this repository"
+    return "another directory (neither the source tree nor site-packages)"
 
 
 def machine_lines():
@@ -1178,8 +1180,7 @@ def parse_args(argv=None, prog=None):
     if args.budget is None:
         args.budget = 0.3 if args.quick else 1.5
     if args.output is None:
-        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        args.output = os.path.join(repo, "BENCHMARKS.md")
+        args.output = os.path.join(REPO, "BENCHMARKS.md")
     return args
 
 

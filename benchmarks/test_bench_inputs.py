@@ -37,7 +37,8 @@ def test_inputs_are_placed_apart():
         (os.path.join("r", "bn_cy"), "this repository's source tree (built in place)"),
         (os.path.join("v", "lib", "python3.11", "site-packages", "bn_cy"),
          "an installed copy (site-packages)"),
-        (os.path.join("r", "build", "bn_cy"), "a directory outside this repository"),
+        (os.path.join("r", "build", "bn_cy"),
+         "another directory (neither the source tree nor site-packages)"),
     ],
 )
 def test_bn_cy_origin_names_no_path(package_dir, expected):
