@@ -360,29 +360,57 @@ BNCY_INLINE double FN(lanes_total)(const double *a) {
     return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
 }
 
-/* Centered sums s1 = sum(x - mt), s2 = sum((x - mt)^2) of one tile of n elements at stride si:
-   BNCY_LANES independent lanes along the plane; four vectors of lanes are combined in the compute
-   type and added into double lane accumulators (as in the rows kernels); lanes are summed in a
-   fixed order. */
+/* Centered sums s1 = sum(x - mt), s2 = sum((x - mt)^2) of one tile of n elements at stride si,
+   into BNCY_LANES independent double lanes along the plane (element e goes to lane e mod
+   BNCY_LANES), summed in a fixed order. Runs of eight vectors of lanes are reduced in the
+   compute type first: as 2 * BNCY_LANES side-by-side lanes (one 512-bit vector of float
+   lanes), four vectors each, whose halves are then added lane to lane, so each lane's sum is a
+   tree of eight (three roundings, as in the rows kernels) before its one conversion to double.
+   A remaining run of four vectors is reduced the same way with no halves; the last elements
+   go one by one. */
 BNCY_INLINE void FN(plane_dev_acc)(const T *BNCY_RESTRICT seg, int64_t si, int64_t n, CT mt,
                                    double *BNCY_RESTRICT b1, double *BNCY_RESTRICT b2,
                                    const int pf) {
-    const int64_t q = 4 * BNCY_LANES, nq = n - n % q;
-    int64_t k, l;
-    for (k = 0; k < nq; k += q) {
-        if (pf && si == 1) { /* hints for the memory ahead (a quad is 64 or 128 bytes long) */
-            BNCY_PREFETCH(seg + k, BNCY_PREFETCH_BYTES);
-            if (q * sizeof(T) > 64) BNCY_PREFETCH(seg + k, BNCY_PREFETCH_BYTES + 64);
+    const int64_t w = 2 * BNCY_LANES, run = 8 * BNCY_LANES, q = 4 * BNCY_LANES;
+    int64_t k = 0, l, nq;
+    for (; k + run <= n; k += run) {
+        CT t1[2 * BNCY_LANES], t2[2 * BNCY_LANES];
+        if (pf && si == 1) { /* hints for the memory ahead, one per line of the run */
+            int64_t b;
+            for (b = 0; b < run * (int64_t)sizeof(T); b += 64)
+                BNCY_PREFETCH(seg + k, BNCY_PREFETCH_BYTES + b);
         }
+        BNCY_LANE_LOOP for (l = 0; l < w; l++) {
+            const T *p = seg + (k + l) * si;
+            const CT d0 = LOAD(p) - mt, d1 = LOAD(p + w * si) - mt;
+            const CT d2 = LOAD(p + 2 * w * si) - mt, d3 = LOAD(p + 3 * w * si) - mt;
+            CT sq = d0 * d0;
+            sq = MULADD(d1, d1, sq);
+            sq = MULADD(d2, d2, sq);
+            sq = MULADD(d3, d3, sq);
+            t1[l] = (d0 + d1) + (d2 + d3);
+            t2[l] = sq;
+        }
+        BNCY_LANE_LOOP for (l = 0; l < BNCY_LANES; l++) {
+            b1[l] += (double)(t1[l] + t1[l + BNCY_LANES]);
+            b2[l] += (double)(t2[l] + t2[l + BNCY_LANES]);
+        }
+    }
+    for (; k + q <= n; k += q) {
+        if (pf && si == 1) BNCY_PREFETCH(seg + k, BNCY_PREFETCH_BYTES);
         BNCY_LANE_LOOP for (l = 0; l < BNCY_LANES; l++) {
             const T *p = seg + (k + l) * si;
             const CT d0 = LOAD(p) - mt, d1 = LOAD(p + BNCY_LANES * si) - mt;
             const CT d2 = LOAD(p + 2 * BNCY_LANES * si) - mt, d3 = LOAD(p + 3 * BNCY_LANES * si) - mt;
+            CT sq = d0 * d0;
+            sq = MULADD(d1, d1, sq);
+            sq = MULADD(d2, d2, sq);
+            sq = MULADD(d3, d3, sq);
             b1[l] += (double)((d0 + d1) + (d2 + d3));
-            b2[l] += (double)((d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3));
+            b2[l] += (double)sq;
         }
     }
-    for (k = nq; k < n; k++) {
+    for (nq = k; k < n; k++) {
         const double d = (double)(LOAD(seg + k * si) - mt);
         b1[(k - nq) % BNCY_LANES] += d;
         b2[(k - nq) % BNCY_LANES] += d * d;
@@ -1563,15 +1591,37 @@ BNCY_INLINE void FN(planes_grad_sums_impl)(const T *dy, bncy_strides dys, const 
     double a[BNCY_LANES] = {0}, b[BNCY_LANES] = {0};
     const CT hi = (CT)m;
     const double lo = m - (double)hi;
-    const int64_t q = 4 * BNCY_LANES;
-    int64_t p = p0, k, l;
+    const int64_t w = 2 * BNCY_LANES, run = 8 * BNCY_LANES, q = 4 * BNCY_LANES;
+    int64_t p = p0, k, l, nq;
     while (p < p1) {
         const int64_t o = p / sh.inner, i = p - o * sh.inner;
-        const int64_t n = bncy_min64(p1 - p, sh.inner - i), nq = n - n % q;
+        const int64_t n = bncy_min64(p1 - p, sh.inner - i);
         const int64_t sxi = unit_inner ? 1 : xs.inner, sdi = unit_inner ? 1 : dys.inner;
         const T *xp = x + o * xs.outer + c * xs.chan + i * sxi;
         const T *dp = dy + o * dys.outer + c * dys.chan + i * sdi;
-        for (k = 0; k < nq; k += q) {
+        /* runs of eight vectors of lanes as 2 * BNCY_LANES lanes, halves added lane to lane
+           before the conversion (as in plane_dev_acc), then a run of four, then one by one */
+        for (k = 0; k + run <= n; k += run) {
+            CT ta[2 * BNCY_LANES], tb[2 * BNCY_LANES];
+            BNCY_LANE_LOOP for (l = 0; l < w; l++) {
+                const T *px = xp + (k + l) * sxi, *pd = dp + (k + l) * sdi;
+                const CT g0 = LOAD(pd), g1 = LOAD(pd + w * sdi);
+                const CT g2 = LOAD(pd + 2 * w * sdi), g3 = LOAD(pd + 3 * w * sdi);
+                const CT d0 = LOAD(px) - hi, d1 = LOAD(px + w * sxi) - hi;
+                const CT d2 = LOAD(px + 2 * w * sxi) - hi, d3 = LOAD(px + 3 * w * sxi) - hi;
+                CT gd = g0 * d0;
+                gd = MULADD(g1, d1, gd);
+                gd = MULADD(g2, d2, gd);
+                gd = MULADD(g3, d3, gd);
+                ta[l] = (g0 + g1) + (g2 + g3);
+                tb[l] = gd;
+            }
+            BNCY_LANE_LOOP for (l = 0; l < BNCY_LANES; l++) {
+                a[l] += (double)(ta[l] + ta[l + BNCY_LANES]);
+                b[l] += (double)(tb[l] + tb[l + BNCY_LANES]);
+            }
+        }
+        for (; k + q <= n; k += q) {
             BNCY_LANE_LOOP for (l = 0; l < BNCY_LANES; l++) {
                 const T *px = xp + (k + l) * sxi, *pd = dp + (k + l) * sdi;
                 const CT g0 = LOAD(pd), g1 = LOAD(pd + BNCY_LANES * sdi);
@@ -1579,11 +1629,15 @@ BNCY_INLINE void FN(planes_grad_sums_impl)(const T *dy, bncy_strides dys, const 
                 const CT d0 = LOAD(px) - hi, d1 = LOAD(px + BNCY_LANES * sxi) - hi;
                 const CT d2 = LOAD(px + 2 * BNCY_LANES * sxi) - hi;
                 const CT d3 = LOAD(px + 3 * BNCY_LANES * sxi) - hi;
+                CT gd = g0 * d0;
+                gd = MULADD(g1, d1, gd);
+                gd = MULADD(g2, d2, gd);
+                gd = MULADD(g3, d3, gd);
                 a[l] += (double)((g0 + g1) + (g2 + g3));
-                b[l] += (double)((g0 * d0 + g1 * d1) + (g2 * d2 + g3 * d3));
+                b[l] += (double)gd;
             }
         }
-        for (k = nq; k < n; k++) {
+        for (nq = k; k < n; k++) {
             const double g = (double)LOAD(dp + k * sdi);
             a[(k - nq) % BNCY_LANES] += g;
             b[(k - nq) % BNCY_LANES] += g * (double)(LOAD(xp + k * sxi) - hi);
