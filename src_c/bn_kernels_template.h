@@ -360,6 +360,19 @@ BNCY_INLINE double FN(lanes_total)(const double *a) {
     return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
 }
 
+/* In the compute type: sa = (a0 + a1) + (a2 + a3) and sab = a0 b0 + a1 b1 + a2 b2 + a3 b3 as
+   a chain of fused multiply-adds. With b = a the centered sums of the statistics, with a = dy,
+   b = x - mean those of the gradient. */
+BNCY_INLINE void FN(four_sums)(CT a0, CT a1, CT a2, CT a3, CT b0, CT b1, CT b2, CT b3, CT *sa,
+                               CT *sab) {
+    CT p = a0 * b0;
+    p = MULADD(a1, b1, p);
+    p = MULADD(a2, b2, p);
+    p = MULADD(a3, b3, p);
+    *sa = (a0 + a1) + (a2 + a3);
+    *sab = p;
+}
+
 /* Centered sums s1 = sum(x - mt), s2 = sum((x - mt)^2) of one tile of n elements at stride si,
    into BNCY_LANES independent double lanes along the plane (element e goes to lane e mod
    BNCY_LANES), summed in a fixed order. Runs of eight vectors of lanes are reduced in the
@@ -384,12 +397,7 @@ BNCY_INLINE void FN(plane_dev_acc)(const T *BNCY_RESTRICT seg, int64_t si, int64
             const T *p = seg + (k + l) * si;
             const CT d0 = LOAD(p) - mt, d1 = LOAD(p + w * si) - mt;
             const CT d2 = LOAD(p + 2 * w * si) - mt, d3 = LOAD(p + 3 * w * si) - mt;
-            CT sq = d0 * d0;
-            sq = MULADD(d1, d1, sq);
-            sq = MULADD(d2, d2, sq);
-            sq = MULADD(d3, d3, sq);
-            t1[l] = (d0 + d1) + (d2 + d3);
-            t2[l] = sq;
+            FN(four_sums)(d0, d1, d2, d3, d0, d1, d2, d3, &t1[l], &t2[l]);
         }
         BNCY_LANE_LOOP for (l = 0; l < BNCY_LANES; l++) {
             b1[l] += (double)(t1[l] + t1[l + BNCY_LANES]);
@@ -402,11 +410,9 @@ BNCY_INLINE void FN(plane_dev_acc)(const T *BNCY_RESTRICT seg, int64_t si, int64
             const T *p = seg + (k + l) * si;
             const CT d0 = LOAD(p) - mt, d1 = LOAD(p + BNCY_LANES * si) - mt;
             const CT d2 = LOAD(p + 2 * BNCY_LANES * si) - mt, d3 = LOAD(p + 3 * BNCY_LANES * si) - mt;
-            CT sq = d0 * d0;
-            sq = MULADD(d1, d1, sq);
-            sq = MULADD(d2, d2, sq);
-            sq = MULADD(d3, d3, sq);
-            b1[l] += (double)((d0 + d1) + (d2 + d3));
+            CT s, sq;
+            FN(four_sums)(d0, d1, d2, d3, d0, d1, d2, d3, &s, &sq);
+            b1[l] += (double)s;
             b2[l] += (double)sq;
         }
     }
@@ -1609,12 +1615,7 @@ BNCY_INLINE void FN(planes_grad_sums_impl)(const T *dy, bncy_strides dys, const 
                 const CT g2 = LOAD(pd + 2 * w * sdi), g3 = LOAD(pd + 3 * w * sdi);
                 const CT d0 = LOAD(px) - hi, d1 = LOAD(px + w * sxi) - hi;
                 const CT d2 = LOAD(px + 2 * w * sxi) - hi, d3 = LOAD(px + 3 * w * sxi) - hi;
-                CT gd = g0 * d0;
-                gd = MULADD(g1, d1, gd);
-                gd = MULADD(g2, d2, gd);
-                gd = MULADD(g3, d3, gd);
-                ta[l] = (g0 + g1) + (g2 + g3);
-                tb[l] = gd;
+                FN(four_sums)(g0, g1, g2, g3, d0, d1, d2, d3, &ta[l], &tb[l]);
             }
             BNCY_LANE_LOOP for (l = 0; l < BNCY_LANES; l++) {
                 a[l] += (double)(ta[l] + ta[l + BNCY_LANES]);
@@ -1629,11 +1630,9 @@ BNCY_INLINE void FN(planes_grad_sums_impl)(const T *dy, bncy_strides dys, const 
                 const CT d0 = LOAD(px) - hi, d1 = LOAD(px + BNCY_LANES * sxi) - hi;
                 const CT d2 = LOAD(px + 2 * BNCY_LANES * sxi) - hi;
                 const CT d3 = LOAD(px + 3 * BNCY_LANES * sxi) - hi;
-                CT gd = g0 * d0;
-                gd = MULADD(g1, d1, gd);
-                gd = MULADD(g2, d2, gd);
-                gd = MULADD(g3, d3, gd);
-                a[l] += (double)((g0 + g1) + (g2 + g3));
+                CT sg, gd;
+                FN(four_sums)(g0, g1, g2, g3, d0, d1, d2, d3, &sg, &gd);
+                a[l] += (double)sg;
                 b[l] += (double)gd;
             }
         }
