@@ -25,7 +25,9 @@ CASES = [
     ((4, 3, 16), 1),       # planes of one float32 vector
     ((3, 6, 37), 1),       # planes not a whole number of vectors
     ((2, 3, 12), 1),       # planes shorter than a float32 vector: per plane
-    ((4, 600, 48), 1),     # short planes, channels enough for the fused per-block passes
+    ((4, 600, 48), 1),     # short planes, many channels: the separate passes
+    ((2, 256, 2070), 1),   # planes of 8 KiB and more (float32), channels enough for the fused
+                           # per-block passes
 ]
 
 

@@ -1,7 +1,8 @@
 """The fused passes for channels-first (planes) layouts against the separate ones.
 
-batch_norm_train and batch_norm_backward on planes take one block of channels at a time (the
-reduction, then the elementwise pass, while the block's inputs are still in cache). The
+batch_norm_train and batch_norm_backward on planes of 8 KiB or more take one block of channels at
+a time (the reduction, then the elementwise pass, while the block's inputs are still in cache);
+shorter planes take the separate passes. The
 synchronized paths keep whole-array passes: moments_partial then batch_norm with the gathered
 statistics, grad_sums then grad_input with the gathered sums. Both must give the same bits, so a
 synchronized call on one process equals a local one, whatever the thread count.
@@ -14,8 +15,11 @@ import bn_cy
 from bn_cy import _kernels
 
 CASES = [
-    pytest.param((8, 64, 28, 28), 1, id="nchw"),  # long planes, one channel per block
-    pytest.param((64, 96, 128), 1, id="nct"),  # short planes, several channels per block
+    # planes of 16 KiB (float32): fused, several channels per block (one thread for the
+    # training forward of float32, every thread count for the backward)
+    pytest.param((4, 48, 64, 64), 1, id="nchw-long"),
+    pytest.param((8, 64, 28, 28), 1, id="nchw"),  # planes of 3 KiB: separate passes
+    pytest.param((64, 96, 128), 1, id="nct"),  # short planes: separate passes
     pytest.param((4, 7, 33), 1, id="small-odd"),
     pytest.param((2, 300, 17), 1, id="many-channels"),
     pytest.param((3, 5, 2, 9), 1, id="tiny-4d"),
@@ -90,12 +94,12 @@ def test_fused_train_equals_separate_passes(shape, axis, dtype):
 
 def test_fused_strided_and_negative_strides():
     rng = np.random.default_rng(5)
-    base = rng.standard_normal((12, 40, 70))
-    x = base[::-1, :, ::2]  # negative outer stride, strided inner
+    base = rng.standard_normal((4, 64, 2100))
+    x = base[::-1, :, ::2]  # negative outer stride, strided inner; planes of 1050 (fused)
     dy = np.sin(np.arange(x.size, dtype=np.float64)).reshape(x.shape)[:, ::-1]
     mean, var = (np.asarray(a, np.float64) for a in bn_cy.moments(x, 1))
-    gamma = np.linspace(0.5, 2.0, 40)
-    ref = _two_pass(dy, x, 1, None, mean, var, gamma, 1e-3, True, float(12 * 35), 1)
+    gamma = np.linspace(0.5, 2.0, 64)
+    ref = _two_pass(dy, x, 1, None, mean, var, gamma, 1e-3, True, float(4 * 1050), 1)
     for n in (1, 2):
         dx, dg, db = _kernels.batch_norm_backward(dy, x, 1, None, None, mean, var, gamma, 1e-3,
                                                   True, n)
@@ -113,9 +117,10 @@ def test_fused_strided_and_negative_strides():
 def test_fused_matches_float64_oracle():
     """An independent check of the values (not only of the agreement of the two paths)."""
     rng = np.random.default_rng(2)
-    x = (rng.standard_normal((16, 48, 20, 20)) * 2 + 100).astype(np.float32)
+    # planes of 16 KiB: fused at 1 and 2 threads
+    x = (rng.standard_normal((4, 96, 64, 64)) * 2 + 100).astype(np.float32)
     dy = rng.standard_normal(x.shape).astype(np.float32)
-    gamma = rng.uniform(0.5, 1.5, 48)
+    gamma = rng.uniform(0.5, 1.5, 96)
     y, mean, var = bn_cy.batch_norm_train(x, gamma, None, axis=1)
     dx, dg, db = bn_cy.batch_norm_backward(dy, x, mean, var, gamma, axis=1)
     xd, gd = x.astype(np.float64), dy.astype(np.float64)
@@ -137,7 +142,8 @@ def test_fused_matches_float64_oracle():
     assert np.allclose(dg, ref_dg, rtol=1e-5, atol=1e-3)
 
 
-@pytest.mark.parametrize("shape", [(8, 64, 28, 28), (64, 96, 128)], ids=["nchw", "nct"])
+@pytest.mark.parametrize("shape", [(4, 96, 64, 64), (8, 64, 28, 28), (64, 96, 128)],
+                         ids=["nchw-long", "nchw", "nct"])
 @pytest.mark.parametrize("n_threads", [1, 2])
 def test_fused_in_place(shape, n_threads):
     """out= the input: a block's reduction is complete before its outputs overwrite it."""
