@@ -1506,48 +1506,48 @@ int FN(bncy_batch_norm_train)(const T *x, bncy_strides xs, T *y, bncy_strides ys
  *   dx = A*dy                                 (inference)
  * with A = g*inv, B = g*inv*sum(dy)/W, K = g*inv^3*sum(dy*(x-mean))/W.
  * ------------------------------------------------------------------------------------------- */
-/* Eight positions of backward pass 1, channels innermost (kept out of line; see row helpers):
-   dr/xr hold the rows of dy and x (nc <= BNCY_CBLOCK_MAX). The rows go in two walks of four
-   over the channels, the first leaving its sums of four in ta/tb (in L1), the second adding its
-   own to them and the result into the double sums: the same tree of eight as in one walk, so
-   the same bits, with eight rows' pointers live in a walk instead of sixteen, which do not fit
-   the x86-64 registers (one walk of eight spilled pointers and vectors to the stack). */
+/* Four rows of backward pass 1 (dr/xr: their rows of dy and x), channels innermost: their sums
+   of dy and of dy * (x - hi) in the compute type, left in ta/tb (first) or added to ta/tb and
+   the result into the double sums (last). */
+BNCY_INLINE void FN(four_grad_sums)(const T *const *dr, const T *const *xr,
+                                    const CT *BNCY_RESTRICT hi, int64_t nc,
+                                    CT *BNCY_RESTRICT ta, CT *BNCY_RESTRICT tb,
+                                    double *BNCY_RESTRICT sdy, double *BNCY_RESTRICT sdyx,
+                                    const int last) {
+    const T *BNCY_RESTRICT d0p = dr[0], *BNCY_RESTRICT d1p = dr[1];
+    const T *BNCY_RESTRICT d2p = dr[2], *BNCY_RESTRICT d3p = dr[3];
+    const T *BNCY_RESTRICT x0p = xr[0], *BNCY_RESTRICT x1p = xr[1];
+    const T *BNCY_RESTRICT x2p = xr[2], *BNCY_RESTRICT x3p = xr[3];
+    int64_t c;
+    BNCY_IVDEP for (c = 0; c < nc; c++) {
+        const CT h = hi[c];
+        const CT g0 = LOAD(d0p + c), g1 = LOAD(d1p + c), g2 = LOAD(d2p + c), g3 = LOAD(d3p + c);
+        const CT e0 = LOAD(x0p + c) - h, e1 = LOAD(x1p + c) - h;
+        const CT e2 = LOAD(x2p + c) - h, e3 = LOAD(x3p + c) - h;
+        const CT a = (g0 + g1) + (g2 + g3), b = (g0 * e0 + g1 * e1) + (g2 * e2 + g3 * e3);
+        if (last) {
+            sdy[c] += (double)(ta[c] + a);
+            sdyx[c] += (double)(tb[c] + b);
+        } else {
+            ta[c] = a;
+            tb[c] = b;
+        }
+    }
+}
+
+/* Eight positions of backward pass 1 (kept out of line; see row helpers), nc <= BNCY_CBLOCK_MAX:
+   two walks of four rows over the channels, the first leaving its sums of four in ta/tb (in
+   L1), the second adding its own to them and the result into the double sums. That is the tree
+   of eight of one walk, so the same bits, with eight rows' pointers live in a walk instead of
+   sixteen, which do not fit the x86-64 registers (one walk of eight spilled pointers and vectors
+   to the stack). */
 static BNCY_NOINLINE void FN(oct_grad_sums)(const T *const *dr, const T *const *xr,
                                             const CT *BNCY_RESTRICT hi, int64_t nc,
                                             double *BNCY_RESTRICT sdy,
                                             double *BNCY_RESTRICT sdyx) {
     CT ta[BNCY_CBLOCK_MAX], tb[BNCY_CBLOCK_MAX];
-    int64_t c;
-    {
-        const T *BNCY_RESTRICT d0p = dr[0], *BNCY_RESTRICT d1p = dr[1];
-        const T *BNCY_RESTRICT d2p = dr[2], *BNCY_RESTRICT d3p = dr[3];
-        const T *BNCY_RESTRICT x0p = xr[0], *BNCY_RESTRICT x1p = xr[1];
-        const T *BNCY_RESTRICT x2p = xr[2], *BNCY_RESTRICT x3p = xr[3];
-        BNCY_IVDEP for (c = 0; c < nc; c++) {
-            const CT h = hi[c];
-            const CT g0 = LOAD(d0p + c), g1 = LOAD(d1p + c), g2 = LOAD(d2p + c);
-            const CT g3 = LOAD(d3p + c);
-            const CT e0 = LOAD(x0p + c) - h, e1 = LOAD(x1p + c) - h;
-            const CT e2 = LOAD(x2p + c) - h, e3 = LOAD(x3p + c) - h;
-            ta[c] = (g0 + g1) + (g2 + g3);
-            tb[c] = (g0 * e0 + g1 * e1) + (g2 * e2 + g3 * e3);
-        }
-    }
-    {
-        const T *BNCY_RESTRICT d4p = dr[4], *BNCY_RESTRICT d5p = dr[5];
-        const T *BNCY_RESTRICT d6p = dr[6], *BNCY_RESTRICT d7p = dr[7];
-        const T *BNCY_RESTRICT x4p = xr[4], *BNCY_RESTRICT x5p = xr[5];
-        const T *BNCY_RESTRICT x6p = xr[6], *BNCY_RESTRICT x7p = xr[7];
-        BNCY_IVDEP for (c = 0; c < nc; c++) {
-            const CT h = hi[c];
-            const CT g4 = LOAD(d4p + c), g5 = LOAD(d5p + c), g6 = LOAD(d6p + c);
-            const CT g7 = LOAD(d7p + c);
-            const CT e4 = LOAD(x4p + c) - h, e5 = LOAD(x5p + c) - h;
-            const CT e6 = LOAD(x6p + c) - h, e7 = LOAD(x7p + c) - h;
-            sdy[c] += (double)(ta[c] + ((g4 + g5) + (g6 + g7)));
-            sdyx[c] += (double)(tb[c] + ((g4 * e4 + g5 * e5) + (g6 * e6 + g7 * e7)));
-        }
-    }
+    FN(four_grad_sums)(dr, xr, hi, nc, ta, tb, sdy, sdyx, 0);
+    FN(four_grad_sums)(dr + 4, xr + 4, hi, nc, ta, tb, sdy, sdyx, 1);
 }
 
 /* Backward pass 1 sums: sdy = sum(dy), sdyx = sum(dy * (x - mean)). As in the statistics,
