@@ -10,8 +10,10 @@ at build time, by probing the compiler rather than guessing from the platform:
 * SIMD: on x86-64 with gcc/clang, the kernels are compiled three times -- for the baseline ISA,
   for AVX2+FMA (src_c/bn_kernels_avx2.c) and, where the compiler takes its target pragma, for
   AVX-512 (src_c/bn_kernels_avx512.c) -- and the choice is made at run time from the CPU, so a
-  wheel built here runs on any x86-64 machine. ``BN_CY_SIMD=0`` at build time builds the baseline
-  only; at run time ``BN_CY_SIMD=baseline|avx2`` caps the variant used.
+  wheel built here runs on any x86-64 machine. ``BN_CY_SIMD`` caps the variants, with the same
+  values at build time (which are compiled) and at run time (which is used): ``baseline`` (or
+  ``0``) the baseline only, ``avx2`` the baseline and AVX2+FMA; unset, all of them. A build for
+  CPUs without AVX-512 can leave that variant out and compile a third less.
 
 The extension's C files are compiled in parallel, one compiler process per file, as many at a
 time as there are cores (``BN_CY_BUILD_JOBS=N`` sets the number; 1 compiles them in turn): each
@@ -127,6 +129,23 @@ def _accepts_flag(compiler, flag):
     )
 
 
+# BN_CY_SIMD at build time: the widest variant compiled (the values the run-time cap takes, and the
+# on/off spellings of the other switches)
+_SIMD_CAPS = {"baseline": 0, "avx2": 1, "avx2+fma": 1, "avx512": 2,
+              "0": 0, "false": 0, "no": 0, "off": 0, "1": 2, "true": 2, "yes": 2, "on": 2}
+
+
+def _simd_cap():
+    """The widest SIMD variant to compile, from $BN_CY_SIMD: 0 baseline, 1 AVX2, 2 AVX-512."""
+    value = os.environ.get("BN_CY_SIMD", "").strip().lower()
+    if value in ("", "default"):
+        return 2
+    if value not in _SIMD_CAPS:
+        raise RuntimeError("BN_CY_SIMD must be one of %s (or unset), got %r"
+                           % (", ".join(sorted(_SIMD_CAPS)), value))
+    return _SIMD_CAPS[value]
+
+
 def _build_jobs():
     """Compiler processes to run at once: $BN_CY_BUILD_JOBS (a positive integer), else the cores."""
     value = os.environ.get("BN_CY_BUILD_JOBS", "").strip()
@@ -191,12 +210,12 @@ class BuildExt(build_ext):
                 raise RuntimeError(message + " and BN_CY_REQUIRE_OPENMP=1 is set")
             warnings.warn(message + ": bn_cy's kernels will run serially", stacklevel=1)
 
-        simd = _env_flag("BN_CY_SIMD")
+        simd = _simd_cap()
         avx512 = False
-        if simd is not False and ctype != "msvc" and _is_x86_64():
+        if simd >= 1 and ctype != "msvc" and _is_x86_64():
             macros.append(("BNCY_HAVE_AVX2_VARIANT", "1"))
             # the AVX-512 variant needs a compiler that knows its target pragma
-            avx512 = _compiles_and_runs(self.compiler, AVX512_PROBE, ["-Werror"], [])
+            avx512 = simd >= 2 and _compiles_and_runs(self.compiler, AVX512_PROBE, ["-Werror"], [])
             if avx512:
                 macros.append(("BNCY_HAVE_AVX512_VARIANT", "1"))
 
