@@ -5,14 +5,18 @@
 #
 # 1. copies the source tree (tracked and untracked-but-not-ignored files, never build outputs) to
 #    a temporary directory, so stale objects of an in-place build cannot leak into the result;
-# 2. creates a fresh virtual environment and installs bn_cy from that copy with its extras `test`,
-#    `mpi` (mpi4py + an MPI library) and `keras-io`, OpenMP required (BN_CY_REQUIRE_OPENMP=1),
-#    plus the parity peers torch==2.13.0 (CPU wheel), keras==3.15.1 and ml_dtypes;
+# 2. creates a fresh virtual environment, builds bn_cy's wheel from that copy (OpenMP required:
+#    BN_CY_REQUIRE_OPENMP=1) and installs it with its extras `test`, `mpi` (mpi4py + an MPI
+#    library) and `keras-io`, plus the parity peers torch==2.13.0 (CPU wheel), keras==3.15.1 and
+#    ml_dtypes;
 # 3. runs pytest on tests/ against the *installed* package, from a directory that holds no bn_cy
 #    source (a plugin fails the run if `import bn_cy` resolves anywhere but site-packages);
 #    arguments given to this script go to that pytest;
 # 4. smoke-runs `python -m bn_cy` and the benchmark suite once with timing disabled;
-# 5. builds a wheel and installs and checks it in another fresh environment (ci/wheel.sh).
+# 5. checks that same wheel in another fresh environment (ci/wheel.sh): its contents, an install
+#    with nothing but its own dependencies, a run from outside the source tree;
+# 6. builds the extension again with AddressSanitizer + UBSan and reruns the suite (ci/sanitize.sh).
+# The extension is compiled twice: the wheel (tested, then checked) and the sanitizer build.
 #
 # Environment knobs:
 #   PYTHON=python3.X          interpreter for the virtual environments (default: python3)
@@ -22,6 +26,7 @@
 #   BN_CY_CI_BENCH_SMOKE=0    skip the benchmark smoke run
 #   BN_CY_CI_WHEEL=0          skip the wheel check
 #   BN_CY_CI_SANITIZE=0       skip the AddressSanitizer/UBSan run (ci/sanitize.sh)
+#   BN_CY_CI_WORKERS=N        pytest processes (pytest-xdist; default: the cores, at most 4; 1: none)
 #   BN_CY_CI_KEEP=1           keep the temporary directory (its path is printed)
 set -euo pipefail
 
@@ -46,6 +51,9 @@ trap cleanup EXIT
 
 step() { printf '\n==> %s  [%ss]\n' "$*" "$SECONDS"; }
 
+. "$REPO/ci/workers.sh"
+XDIST="$(pytest_worker_args)"
+
 step "copy the source tree of $REPO"
 SRC="$WORK/src"
 bash "$REPO/ci/wheel.sh" --copy-source "$REPO" "$SRC"
@@ -61,9 +69,14 @@ if [[ "${BN_CY_CI_PEERS:-1}" != "0" ]]; then
     "$VPY" -m pip install keras==3.15.1 ml_dtypes
 fi
 
+step "build bn_cy's wheel from source (BN_CY_REQUIRE_OPENMP=${BN_CY_REQUIRE_OPENMP:-unset}, BN_CY_OPENMP=${BN_CY_OPENMP:-unset})"
+# installing from source is building this wheel; the same wheel is checked by ci/wheel.sh below
+WHEEL="$(PYTHON="$VPY" bash "$REPO/ci/wheel.sh" --build "$SRC" "$WORK/wheelhouse")"
+echo "built $WHEEL"
+
 EXTRAS="${BN_CY_CI_EXTRAS:-test,mpi,keras-io}"
-step "install bn_cy[$EXTRAS] from source (BN_CY_REQUIRE_OPENMP=${BN_CY_REQUIRE_OPENMP:-unset}, BN_CY_OPENMP=${BN_CY_OPENMP:-unset})"
-"$VPY" -m pip install "$SRC[$EXTRAS]"
+step "install $(basename "$WHEEL")[$EXTRAS]"
+"$VPY" -m pip install "$WHEEL[$EXTRAS]"
 # with the mpi extra installed, the mpiexec tests must run: a missing MPI fails them, never skips
 [[ ",$EXTRAS," == *",mpi,"* ]] && export BN_CY_REQUIRE_MPI=1
 
@@ -115,8 +128,9 @@ if os.environ.get("BN_CY_REQUIRE_OPENMP") == "1" and not info["openmp"]:
     sys.exit("error: BN_CY_REQUIRE_OPENMP=1 but the installed build has no OpenMP")
 PY
 
-step "pytest tests/ against the installed package"
-PYTHONPATH="$WORK/plugins" "$VPY" -m pytest tests -p _bn_cy_ci_guard -p no:cacheprovider -ra "$@"
+step "pytest tests/ against the installed package${XDIST:+ ($XDIST processes)}"
+# (XDIST unquoted: "-n N" or nothing)
+PYTHONPATH="$WORK/plugins" "$VPY" -m pytest tests -p _bn_cy_ci_guard -p no:cacheprovider -ra $XDIST "$@"
 
 step "bn-cy (the README's main command), quick, from the source tree's root"
 # from the root, as the README runs it: the installed script must not pick up the source bn_cy/
@@ -132,8 +146,8 @@ fi
 cd "$REPO"
 
 if [[ "${BN_CY_CI_WHEEL:-1}" != "0" ]]; then
-    step "wheel: build, then install and check in another fresh environment"
-    BN_CY_CI_SRC="$SRC" bash "$REPO/ci/wheel.sh" "$REPO/dist"
+    step "wheel: the tested wheel, installed and checked in another fresh environment"
+    BN_CY_CI_WHEEL_FILE="$WHEEL" bash "$REPO/ci/wheel.sh" "$REPO/dist"
 fi
 
 if [[ "${BN_CY_CI_SANITIZE:-1}" != "0" ]]; then

@@ -4,15 +4,20 @@
 #   bash ci/wheel.sh [DIST_DIR]        # default DIST_DIR: <repo>/dist
 #
 # The wheel is built (`pip wheel <src> --no-deps`, OpenMP required unless BN_CY_OPENMP=0) from a
-# clean copy of the source tree (or from $BN_CY_CI_SRC, a copy ci/test.sh made already), installed
-# into a new virtual environment with nothing but its dependencies, imported from outside the
-# source tree and exercised; then it is copied to DIST_DIR.
+# clean copy of the source tree (or from $BN_CY_CI_SRC, a copy made already), installed into a new
+# virtual environment with nothing but its dependencies, imported from outside the source tree and
+# exercised; then it is copied to DIST_DIR. With $BN_CY_CI_WHEEL_FILE naming a wheel built
+# already (ci/test.sh passes the one it has tested), that wheel is checked and none is built.
 #
 #   bash ci/wheel.sh --copy-source SRC DST
 #
 # is the helper the ci/ scripts share: it copies the files of SRC that a fresh clone would have
 # (git's tracked plus untracked-but-not-ignored files; everything but build outputs when SRC is not
 # a git checkout) to DST.
+#
+#   bash ci/wheel.sh --build SRC DIR
+#
+# builds the wheel of the source tree SRC into DIR with $PYTHON's pip and prints its path.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -79,6 +84,23 @@ print("copied %d files of %s (%s) to %s" % (count, src, how, dst))
 PY
 }
 
+# build_wheel SRC DIR: pip wheel of SRC into DIR (which must hold no other bn_cy wheel); prints the
+# wheel's path on stdout, pip's output on stderr
+build_wheel() {
+    "$PYTHON" -m pip wheel "$1" -w "$2" --no-deps >&2
+    shopt -s nullglob
+    local wheels=("$2"/bn_cy-*.whl)
+    shopt -u nullglob
+    [[ ${#wheels[@]} -eq 1 ]] || { echo "expected one bn_cy wheel, found: ${wheels[*]:-none}" >&2; return 1; }
+    echo "${wheels[0]}"
+}
+
+if [[ "${1:-}" == "--build" ]]; then
+    [[ $# -eq 3 ]] || { echo "usage: ci/wheel.sh --build SRC DIR" >&2; exit 2; }
+    build_wheel "$2" "$3"
+    exit 0
+fi
+
 if [[ "${1:-}" == "--copy-source" ]]; then
     [[ $# -eq 3 ]] || { echo "usage: ci/wheel.sh --copy-source SRC DST" >&2; exit 2; }
     copy_source "$2" "$3"
@@ -90,25 +112,27 @@ WORK="$(mktemp -d "${TMPDIR:-/tmp}/bn_cy_wheel.XXXXXX")"
 trap 'rm -rf "$WORK"' EXIT
 step() { printf '\n==> wheel: %s  [%ss]\n' "$*" "$SECONDS"; }
 
-SRC="${BN_CY_CI_SRC:-}"
-if [[ -z "$SRC" ]]; then
-    step "copy the source tree"
-    SRC="$WORK/src"
-    copy_source "$REPO" "$SRC"
-fi
-
 step "fresh virtual environment"
 "$PYTHON" -m venv "$WORK/venv-wheel"
 VPY="$WORK/venv-wheel/bin/python"
 
-step "pip wheel (BN_CY_REQUIRE_OPENMP=${BN_CY_REQUIRE_OPENMP:-unset}, BN_CY_OPENMP=${BN_CY_OPENMP:-unset})"
-"$VPY" -m pip wheel "$SRC" -w "$WORK/wheelhouse" --no-deps
-shopt -s nullglob
-wheels=("$WORK"/wheelhouse/bn_cy-*.whl)
-shopt -u nullglob
-[[ ${#wheels[@]} -eq 1 ]] || { echo "expected one bn_cy wheel, found: ${wheels[*]:-none}" >&2; exit 1; }
-WHEEL="${wheels[0]}"
-echo "built $(basename "$WHEEL")"
+WHEEL="${BN_CY_CI_WHEEL_FILE:-}"
+if [[ -n "$WHEEL" ]]; then
+    if [[ ! -f "$WHEEL" || "$WHEEL" != *.whl ]]; then
+        echo "error: BN_CY_CI_WHEEL_FILE=$WHEEL is not a wheel file" >&2
+        exit 2
+    fi
+else
+    SRC="${BN_CY_CI_SRC:-}"
+    if [[ -z "$SRC" ]]; then
+        step "copy the source tree"
+        SRC="$WORK/src"
+        copy_source "$REPO" "$SRC"
+    fi
+    step "pip wheel (BN_CY_REQUIRE_OPENMP=${BN_CY_REQUIRE_OPENMP:-unset}, BN_CY_OPENMP=${BN_CY_OPENMP:-unset})"
+    WHEEL="$(PYTHON="$VPY" build_wheel "$SRC" "$WORK/wheelhouse")"
+fi
+echo "wheel: $WHEEL"
 "$VPY" - "$WHEEL" <<'PY'
 import sys
 import zipfile
