@@ -1,0 +1,4 @@
+/* The float16 kernels of bn_kernels_avx2.c, in a translation unit of their own, so that a
+   parallel build compiles them beside the others (bn_kernels_instances.h). */
+#define BNCY_ONLY_F16 1
+#include "bn_kernels_avx2.c"
