@@ -3,7 +3,7 @@
  * defined (base, avx2, avx512). One algorithm source, four dtypes. STREAM_* are
  * the streaming-store runs of bn_stream.h for the dtypes that have them (0 elements otherwise).
  *
- * Each variant is three translation units, which a parallel build compiles at once (about 20 s
+ * Each variant is three translation units, which a parallel build compiles at once (17 - 28 s
  * each with gcc -O3): the variant's file instantiates float32 and float64, and its *_f16.c and
  * *_bf16.c files, which define BNCY_ONLY_F16 or BNCY_ONLY_BF16 and include it, the one dtype.
  */
