@@ -129,7 +129,7 @@ if os.environ.get("BN_CY_REQUIRE_OPENMP") == "1" and not info["openmp"]:
 PY
 
 step "pytest tests/ against the installed package${XDIST:+ ($XDIST processes)}"
-# (XDIST unquoted: "-n N" or nothing)
+# (XDIST unquoted: "-n N --dist loadfile" or nothing)
 PYTHONPATH="$WORK/plugins" "$VPY" -m pytest tests -p _bn_cy_ci_guard -p no:cacheprovider -ra $XDIST "$@"
 
 step "bn-cy (the README's main command), quick, from the source tree's root"

@@ -14,6 +14,8 @@ pytest_worker_args() {
         echo "error: BN_CY_CI_WORKERS must be a positive integer, got '$n'" >&2
         return 2
     fi
-    (( n > 1 )) && echo "-n $n"
+    # --dist loadfile: each test file runs whole in one process, in its order (tests/test_fuzz.py
+    # ends with a check of the calls its fuzz tests made in that process)
+    (( n > 1 )) && echo "-n $n --dist loadfile"
     return 0
 }
