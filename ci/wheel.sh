@@ -4,10 +4,10 @@
 #   bash ci/wheel.sh [DIST_DIR]        # default DIST_DIR: <repo>/dist
 #
 # The wheel is built (`pip wheel <src> --no-deps`, OpenMP required unless BN_CY_OPENMP=0) from a
-# clean copy of the source tree (or from $BN_CY_CI_SRC, a copy made already), installed into a new
-# virtual environment with nothing but its dependencies, imported from outside the source tree and
-# exercised; then it is copied to DIST_DIR. With $BN_CY_CI_WHEEL_FILE naming a wheel built
-# already (ci/test.sh passes the one it has tested), that wheel is checked and none is built.
+# clean copy of the source tree, installed into a new virtual environment with nothing but its
+# dependencies, imported from outside the source tree and exercised; then it is copied to DIST_DIR.
+# With $BN_CY_CI_WHEEL_FILE naming a wheel built already (ci/test.sh passes the one it has
+# tested), that wheel is checked and none is built.
 #
 #   bash ci/wheel.sh --copy-source SRC DST
 #
@@ -123,12 +123,9 @@ if [[ -n "$WHEEL" ]]; then
         exit 2
     fi
 else
-    SRC="${BN_CY_CI_SRC:-}"
-    if [[ -z "$SRC" ]]; then
-        step "copy the source tree"
-        SRC="$WORK/src"
-        copy_source "$REPO" "$SRC"
-    fi
+    step "copy the source tree"
+    SRC="$WORK/src"
+    copy_source "$REPO" "$SRC"
     step "pip wheel (BN_CY_REQUIRE_OPENMP=${BN_CY_REQUIRE_OPENMP:-unset}, BN_CY_OPENMP=${BN_CY_OPENMP:-unset})"
     WHEEL="$(PYTHON="$VPY" build_wheel "$SRC" "$WORK/wheelhouse")"
 fi
