@@ -415,6 +415,29 @@ def floor_function(mode, impl, inputs, threads):
 # ---------------------------------------------------------------------------------------------
 
 
+def bn_cy_function(lib, mode, inputs, threads, out=False):
+    """A zero-argument callable running `lib`'s call for `mode` (`lib` is bn_cy, or a copy of it
+    under another name: benchmarks/ab.py) on `inputs` with `threads` threads, into the
+    preallocated output with `out` (moments have none)."""
+    d = inputs
+    kw = dict(axis=d.case.axis, n_threads=threads)
+    if out and mode != "moments":
+        kw["out"] = d.out
+    if mode == "train":
+        return functools.partial(lib.batch_norm_train, d.x, d.gamma, d.beta, epsilon=EPSILON, **kw)
+    if mode == "infer":
+        return functools.partial(
+            lib.batch_norm, d.x, d.mean, d.var, d.gamma, d.beta, epsilon=EPSILON, **kw
+        )
+    if mode == "backward":
+        return functools.partial(
+            lib.batch_norm_backward, d.dy, d.x, d.mean, d.var, d.gamma, epsilon=EPSILON, **kw
+        )
+    if mode == "moments":
+        return functools.partial(lib.moments, d.x, **kw)
+    raise ValueError("unknown mode %r" % (mode,))
+
+
 def peer_function(mode, peer, inputs, threads):
     """A zero-argument callable running `peer` in `mode` on `inputs` with `threads` threads.
     Raises Unavailable when the peer cannot run here."""
@@ -426,21 +449,8 @@ def peer_function(mode, peer, inputs, threads):
         raise Unavailable("no %s peer for %s" % (peer, mode))
     case, d = inputs.case, inputs
     set_torch_threads(threads)
-    kw = dict(axis=case.axis, n_threads=threads)
     if peer in ("bn_cy", "bn_cy_out"):
-        if peer == "bn_cy_out":
-            kw["out"] = d.out
-        if mode == "train":
-            return functools.partial(bn_cy.batch_norm_train, d.x, d.gamma, d.beta, epsilon=EPSILON, **kw)
-        if mode == "infer":
-            return functools.partial(
-                bn_cy.batch_norm, d.x, d.mean, d.var, d.gamma, d.beta, epsilon=EPSILON, **kw
-            )
-        if mode == "backward":
-            return functools.partial(
-                bn_cy.batch_norm_backward, d.dy, d.x, d.mean, d.var, d.gamma, epsilon=EPSILON, **kw
-            )
-        return functools.partial(bn_cy.moments, d.x, **kw)
+        return bn_cy_function(bn_cy, mode, inputs, threads, out=peer == "bn_cy_out")
     axes, bshape = case.reduce_axes, case.broadcast_shape
     if peer == "numpy":
         if mode == "train":
