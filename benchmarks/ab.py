@@ -21,7 +21,10 @@ sides of a round alike: on the 2-core VM where this was written, consecutive run
 moments took 0.36 and 0.54 ms, while a build against a copy of itself (``--control``, ntc and
 dense, every mode, 1 and 2 threads, 30 rounds) gave median ratios of 0.97 - 1.05 with quartiles
 within 0.89 - 1.12. Run ``--control`` next to a comparison to know how far from 1 a ratio must
-be to mean something. The out= calls are timed (moments have no out=).
+be to mean something. The pairing takes out the drift, not a change in the relative cost of two
+walks through memory when the machine's other tenants load the shared cache: a comparison of
+such changes (schedules, block sizes) needs repeating at different times. The out= calls are
+timed (moments have no out=).
 """
 
 import argparse
