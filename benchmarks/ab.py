@@ -37,7 +37,16 @@ import sys
 import tempfile
 import time
 
-from report import CASES_BY_NAME, MODES, REPO, Inputs, bn_cy_function
+try:
+    import bn_cy  # noqa: F401 -- report.py makes the inputs with it
+except ImportError as exc:
+    raise SystemExit(
+        "benchmarks/ab.py needs an importable bn_cy for report.py's inputs (%s): build this "
+        "checkout in place (python setup.py build_ext --inplace) and run with PYTHONPATH set to "
+        "it, or install bn_cy" % exc
+    ) from None
+
+from report import CASES_BY_NAME, MODES, REPO, Inputs, bn_cy_function  # noqa: E402
 
 #: where revisions are exported and built (git-ignored)
 BUILD_ROOT = os.path.join(REPO, "build", "ab")
