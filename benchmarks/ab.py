@@ -65,10 +65,6 @@ def _say(text):
     print(text, file=sys.stderr, flush=True)
 
 
-def _git(*args):
-    return subprocess.run(["git", "-C", REPO, *args], capture_output=True, text=True, check=False)
-
-
 def resolve(spec, build_root=BUILD_ROOT):
     """The Side that `spec` names: a directory holding a built bn_cy package, or a revision of
     this repository (built on first use). SystemExit with the reason where it is neither or its
@@ -82,7 +78,10 @@ def resolve(spec, build_root=BUILD_ROOT):
             raise SystemExit("%s: bn_cy is not built there (no compiled _kernels module); run "
                              "`python setup.py build_ext --inplace` in it" % spec)
         return Side(spec, package)
-    res = _git("rev-parse", "--verify", "--quiet", spec + "^{commit}")
+    res = subprocess.run(
+        ["git", "-C", REPO, "rev-parse", "--verify", "--quiet", spec + "^{commit}"],
+        capture_output=True, text=True, check=False,
+    )
     if res.returncode != 0:
         raise SystemExit("%s: neither a directory nor a revision of %s" % (spec, REPO))
     commit = res.stdout.strip()
@@ -114,9 +113,10 @@ def build_revision(commit, build_root=BUILD_ROOT):
         with open(log) as f:
             tail = f.read()[-3000:]
         raise SystemExit("building %s failed (log: %s):\n%s" % (commit[:10], log, tail))
+    took = time.perf_counter() - start
     with open(done, "w") as f:
-        f.write("%.0f s\n" % (time.perf_counter() - start))
-    _say("built %s in %.0f s" % (commit[:10], time.perf_counter() - start))
+        f.write("%.0f s\n" % took)
+    _say("built %s in %.0f s" % (commit[:10], took))
     return os.path.join(tree, "bn_cy")
 
 
@@ -129,6 +129,14 @@ def load(sides, workdir):
                         ignore=shutil.ignore_patterns("__pycache__"))
         modules.append(importlib.import_module(name))
     return modules
+
+
+def unload(workdir):
+    """Forget the copies that load() imported from workdir (the modules and the path entry)."""
+    for key in [k for k in sys.modules if k.split(".")[0] in NAMES]:
+        del sys.modules[key]
+    if workdir in sys.path:
+        sys.path.remove(workdir)
 
 
 def loop_length(fn, target):
@@ -215,10 +223,7 @@ def main(argv=None):
                             statistics.median(tb) * 1e3, med, q1, q3), flush=True)
                 arrays.close()
     finally:
-        for key in [k for k in sys.modules if k.split(".")[0] in NAMES]:
-            del sys.modules[key]
-        if workdir in sys.path:
-            sys.path.remove(workdir)
+        unload(workdir)
         shutil.rmtree(workdir, ignore_errors=True)
 
 

@@ -58,9 +58,9 @@ def test_both_sides_compute_what_bn_cy_computes(tmp_path):
             np.testing.assert_array_equal(m, m0)
             np.testing.assert_array_equal(v, v0)
     finally:
-        for key in [k for k in sys.modules if k.split(".")[0] in ab.NAMES]:
-            del sys.modules[key]
-        sys.path.remove(str(tmp_path))
+        ab.unload(str(tmp_path))
+    assert str(tmp_path) not in sys.path
+    assert not any(k.split(".")[0] in ab.NAMES for k in sys.modules)
 
 
 def test_summary_gives_median_and_quartiles():
