@@ -17,10 +17,11 @@ A round times A then B (B then A in every other round): one untimed call, then a
 lasting about ``--target-ms``. Each round gives the ratio B/A of its two times; printed per
 (case, mode, dtype, thread count) are both medians over the rounds and the median ratio with its
 quartiles. Below 1, B is faster. Where the machine is shared, its slow spells fall on both
-sides of a round alike: on the 2-core VM where this was written, consecutive runs of one build's
-moments took 0.36 and 0.54 ms, while a build against a copy of itself (``--control``, ntc and
-dense, every mode, 1 and 2 threads, 30 rounds) gave median ratios of 0.97 - 1.05 with quartiles
-within 0.89 - 1.12. Run ``--control`` next to a comparison to know how far from 1 a ratio must
+sides of a round alike: on the 2-core VM where this was written, A's own median time for the
+(64, 128, 256) training at 2 threads ranged from 0.56 to 1.12 ms across the runs recorded in
+benchmarks/results/ab-tuning-amd-epyc-zen3-2026-12-07.md, while a build against a copy of itself
+(``--control``, ntc and dense, every mode, 1 and 2 threads, 30 rounds) gave median ratios of
+0.97 - 1.05 with quartiles within 0.89 - 1.12. Run ``--control`` next to a comparison to know how far from 1 a ratio must
 be to mean something. The pairing takes out the drift, not a change in the relative cost of two
 walks through memory when the machine's other tenants load the shared cache: a comparison of
 such changes (schedules, block sizes) needs repeating at different times. The out= calls are
