@@ -3,6 +3,7 @@
 
     python benchmarks/ab.py A B [--cases ntc dense] [--modes train infer backward moments]
                                 [--threads 1 2] [--dtype float32] [--rounds 30]
+    python benchmarks/ab.py A B --shape 1024x256 64x256x128:1     # shapes of one's own
     python benchmarks/ab.py A --control          # A against a copy of itself: the noise
 
 A and B are each a git revision of this repository (exported and built in place under
@@ -26,6 +27,10 @@ be to mean something. The pairing takes out the drift, not a change in the relat
 walks through memory when the machine's other tenants load the shared cache: a comparison of
 such changes (schedules, block sizes) needs repeating at different times. The out= calls are
 timed (moments have no out=).
+
+``--shape`` times shapes of one's own, made like report.py's inputs: ``4096x256`` (channels
+last) or ``64x256x128:1`` (the feature axis after the colon). Given alone, only they are timed;
+with ``--cases``, the named cases first.
 """
 
 import argparse
@@ -47,7 +52,7 @@ except ImportError as exc:
         "it, or install bn_cy" % exc
     ) from None
 
-from report import CASES_BY_NAME, MODES, REPO, Inputs, bn_cy_function  # noqa: E402
+from report import CASES_BY_NAME, MODES, REPO, Case, Inputs, bn_cy_function  # noqa: E402
 
 #: where revisions are exported and built (git-ignored)
 BUILD_ROOT = os.path.join(REPO, "build", "ab")
@@ -175,6 +180,22 @@ def summary(ratios):
     return q2, q1, q3
 
 
+def shape_case(text):
+    """The Case that ``--shape`` names: sizes joined by ``x``, then ``:axis`` (default -1)."""
+    dims, _, axis = text.partition(":")
+    try:
+        shape = tuple(int(d) for d in dims.split("x"))
+        axis = int(axis) if axis else -1
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            "%r: expected sizes joined by 'x' and an optional ':axis', e.g. 64x256x128:1"
+            % text) from None
+    if len(shape) < 2 or min(shape) < 1 or not -len(shape) <= axis < len(shape):
+        raise argparse.ArgumentTypeError(
+            "%r: two or more sizes >= 1, and an axis within them" % text)
+    return Case(dims if axis == -1 else "%s:%d" % (dims, axis), shape, axis, "custom")
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  epilog="Below 1, B is faster; see the module docstring.")
@@ -182,7 +203,10 @@ def parse_args(argv=None):
     ap.add_argument("b", nargs="?", help="the same for B (omit with --control)")
     ap.add_argument("--control", action="store_true",
                     help="time A against a copy of itself (the noise of the ratio)")
-    ap.add_argument("--cases", nargs="+", default=["ntc", "dense"], choices=sorted(CASES_BY_NAME))
+    ap.add_argument("--cases", nargs="*", default=None, choices=sorted(CASES_BY_NAME),
+                    help="report.py's cases (default: ntc dense, or none where --shape is given)")
+    ap.add_argument("--shape", nargs="+", type=shape_case, default=[], metavar="SHAPE[:AXIS]",
+                    help="shapes of one's own, e.g. 1024x256 or 64x256x128:1")
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "float64"])
@@ -194,6 +218,11 @@ def parse_args(argv=None):
         ap.error("give B, or --control without B")
     if args.rounds < 1 or min(args.threads) < 1 or not args.target_ms > 0:
         ap.error("--rounds and --threads must be >= 1 and --target-ms > 0")
+    if args.cases is None:
+        args.cases = [] if args.shape else ["ntc", "dense"]
+    args.cases = [CASES_BY_NAME[n] for n in args.cases] + args.shape
+    if not args.cases:
+        ap.error("no case to time: name --cases or give --shape")
     return args
 
 
@@ -207,10 +236,9 @@ def main(argv=None):
         print("A: %s\nB: %s%s" % (a.label, b.label, " (a copy of A)" if args.control else ""))
         print("out= calls, %d paired rounds of ~%g ms loops; ms per call: medians over the rounds"
               % (args.rounds, args.target_ms))
-        print("%-10s %-9s %-8s %3s %10s %10s %8s %17s" % (
+        print("%-14s %-9s %-8s %3s %10s %10s %8s %17s" % (
             "case", "mode", "dtype", "thr", "A ms", "B ms", "B/A", "quartiles of B/A"))
-        for name in args.cases:
-            case = CASES_BY_NAME[name]
+        for case in args.cases:
             for dtype in args.dtype:
                 arrays = Inputs(case, dtype)
                 for threads in args.threads:
@@ -219,8 +247,8 @@ def main(argv=None):
                         fb = bn_cy_function(lib_b, mode, arrays, threads, out=True)
                         ta, tb, ratios = paired_rounds(fa, fb, args.rounds, args.target_ms / 1e3)
                         med, q1, q3 = summary(ratios)
-                        print("%-10s %-9s %-8s %3d %10.4f %10.4f %8.3f %8.3f - %6.3f" % (
-                            name, mode, dtype, threads, statistics.median(ta) * 1e3,
+                        print("%-14s %-9s %-8s %3d %10.4f %10.4f %8.3f %8.3f - %6.3f" % (
+                            case.name, mode, dtype, threads, statistics.median(ta) * 1e3,
                             statistics.median(tb) * 1e3, med, q1, q3), flush=True)
                 arrays.close()
     finally:

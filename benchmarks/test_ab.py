@@ -99,3 +99,32 @@ def test_resolve_rejects_what_it_cannot_use(tmp_path):
 def test_bad_arguments_stop_with_usage(argv):
     with pytest.raises(SystemExit):
         ab.parse_args(argv)
+
+
+def test_shapes_of_ones_own_are_cases():
+    args = ab.parse_args(["x", "y", "--shape", "1024x256", "64x256x128:1"])
+    assert [(c.name, c.shape, c.axis, c.channels) for c in args.cases] == [
+        ("1024x256", (1024, 256), -1, 256), ("64x256x128:1", (64, 256, 128), 1, 256)]
+    args = ab.parse_args(["x", "y", "--cases", "tiny", "--shape", "8x4:0"])
+    assert [(c.name, c.channels) for c in args.cases] == [("tiny", 64), ("8x4:0", 8)]
+    assert [c.name for c in ab.parse_args(["x", "y"]).cases] == ["ntc", "dense"]
+
+
+def test_a_shape_is_timed_like_a_case(capsys):
+    ab.main([HERE, "--control", "--shape", "300x24:0", "--modes", "infer", "--threads", "2",
+             "--rounds", "2", "--target-ms", "0.05"])
+    rows = capsys.readouterr().out.strip().splitlines()[4:]
+    assert len(rows) == 1 and rows[0].split()[:4] == ["300x24:0", "infer", "float32", "2"]
+
+
+@pytest.mark.parametrize("text", ["1024", "10x0", "4x4:2", "4x4:-3", "4xa", "4x4:b", ""])
+def test_bad_shapes_stop_with_usage(text, capsys):
+    with pytest.raises(SystemExit):
+        ab.parse_args(["x", "y", "--shape", text])
+    assert "--shape" in capsys.readouterr().err
+
+
+def test_no_case_at_all_stops_with_usage(capsys):
+    with pytest.raises(SystemExit):
+        ab.parse_args(["x", "y", "--cases"])
+    assert "no case to time" in capsys.readouterr().err
