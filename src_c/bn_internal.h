@@ -260,6 +260,7 @@ typedef struct {
     int mode;   /* BNCY_WALK_* */
     int unit;   /* unit strides along the walked dim */
     int stream; /* streamed (non-temporal) stores */
+    int four;   /* flat rows normalized four at a time (FN(rows_by_four)) */
     int64_t k0, rows, n_units, nb;
 } bncy_walk;
 
@@ -312,6 +313,18 @@ static inline int bncy_stream_pass(double out_bytes, int n_in) {
     if (env_min >= 0.0) return out_bytes >= env_min;
     return out_bytes >= BNCY_STREAM_MIN_BYTES ||
            (llc_half > 0.0 && (double)(n_in + 1) * out_bytes > llc_half);
+}
+
+/* Whether the arrays of an elementwise pass, `bytes` together, fill more than a quarter of the
+   last-level cache (0 where its size is unknown). */
+static inline int bncy_fills_llc_quarter(double bytes) {
+    static int ready = 0;
+    static double llc_quarter = 0.0;
+    if (!ready) {
+        llc_quarter = 0.25 * bncy_llc_bytes();
+        ready = 1;
+    }
+    return llc_quarter > 0.0 && bytes > llc_quarter;
 }
 
 /* Elements before p reaches a BNCY_ALIGN boundary (0 when p is not element-aligned), at most n. */

@@ -951,12 +951,21 @@ static void FN(rotate_consts_range)(CT *rot, const CT *arr, int64_t C, int64_t k
     }
 }
 
-/* Whether the flat rows loops take four rows at a time (loading each constant once for four
-   values) rather than one: for short rows, where the loop around a row costs; a long row is
-   faster alone (on the first machine, (256, 1024) float32 normalized in 15.6 us by fours and
-   14.7 us by ones), with fewer streams in flight. */
-BNCY_INLINE int FN(rows_by_four)(int64_t C) {
-    return C * (int64_t)sizeof(T) < BNCY_WIDE_ROW_BYTES;
+/* Whether the flat rows normalize takes four rows at a time (loading each constant once for four
+   values) rather than one: for short rows, where the loop around a row costs, while the pass's
+   arrays (x and y) fill at most a quarter of the last-level cache. A long row is faster alone
+   (on the first machine, (256, 1024) float32 normalized in 15.6 us by fours and 14.7 us by
+   ones), and so are the rows of a pass that fills more of the cache, with fewer streams in
+   flight. On the 2-core Zen 3 VM (32 MiB L3), out= calls, one row at a time against four
+   (benchmarks/ab.py, 28 paired runs over 40 minutes, in
+   benchmarks/results/ab-tuning-amd-epyc-zen3-2026-12-07.md), the runs' median B/A: on arrays
+   of 8 MiB, 0.65 - 0.92 at one thread and 0.87 - 0.97 at two, though in the runs where the
+   machine was quiet the inference at two threads took 0.95 - 1.17; on arrays of 4 MiB 1.00 -
+   1.04 and of 256 - 512 KiB 1.02 - 1.05 (kept by fours). Passes beyond half of the cache
+   stream their output one row at a time anyway (FN(streams)). */
+BNCY_INLINE int FN(rows_by_four)(bncy_shape sh) {
+    const double bytes = 2.0 * (double)sh.outer * (double)sh.inner * (double)sh.chan * sizeof(T);
+    return sh.chan * (int64_t)sizeof(T) < BNCY_WIDE_ROW_BYTES && !bncy_fills_llc_quarter(bytes);
 }
 
 /* Rows [p0, p1) of flat rows arrays (bncy_flat_rows) whose output rows start k0 elements before
@@ -970,14 +979,14 @@ static BNCY_NOINLINE void FN(rows_flat_normalize_unit)(const T *x, T *y, int64_t
                                                        const CT *BNCY_RESTRICT hr,
                                                        const CT *BNCY_RESTRICT ar,
                                                        const CT *BNCY_RESTRICT br, int64_t p0,
-                                                       int64_t p1, int stream) {
+                                                       int64_t p1, int stream, int four) {
     const T *BNCY_RESTRICT xf = x + p0 * C;
     T *BNCY_RESTRICT yf = y + p0 * C;
     const int64_t rows = p1 - p0;
     int64_t r, k;
     for (k = 0; k < k0; k++) STORE(yf + k, (LOAD(xf + k) - hi[k]) * a[k] + b[k]);
     r = 0;
-    if (!stream && FN(rows_by_four)(C)) { /* each constant loaded once for four values */
+    if (four) { /* each constant loaded once for four values */
         for (; r + 4 < rows || (k0 == 0 && r + 4 <= rows); r += 4) {
             const T *BNCY_RESTRICT x0 = xf + k0 + r * C, *BNCY_RESTRICT x1 = x0 + C;
             const T *BNCY_RESTRICT x2 = x1 + C, *BNCY_RESTRICT x3 = x2 + C;
@@ -1141,6 +1150,7 @@ static bncy_walk FN(walk_setup)(const T *out, bncy_shape sh, bncy_strides xs, in
     const int64_t C = sh.chan, M = sh.outer * sh.inner;
     bncy_walk w;
     w.stream = FN(streams)(sh, n_in);
+    w.four = 0;
     w.k0 = w.nb = 0;
     w.rows = bncy_max64(1, BNCY_ELEM_BLOCK / C);
     w.n_units = bncy_cdiv(M, w.rows);
@@ -1165,9 +1175,10 @@ static bncy_walk FN(walk_setup)(const T *out, bncy_shape sh, bncy_strides xs, in
 /* The walk of the normalize; flat: FN(norm_flat) holds and the rotated constants have room. */
 static bncy_walk FN(norm_setup)(const T *y, bncy_shape sh, bncy_strides xs, bncy_strides ys,
                                 int flat) {
-    return FN(walk_setup)(y, sh, xs, 1, flat, xs.chan == 1 && ys.chan == 1,
-                          xs.inner == 1 && ys.inner == 1,
-                          FN(planes_flat)(sh, xs, ys));
+    bncy_walk w = FN(walk_setup)(y, sh, xs, 1, flat, xs.chan == 1 && ys.chan == 1,
+                                 xs.inner == 1 && ys.inner == 1, FN(planes_flat)(sh, xs, ys));
+    w.four = w.mode == BNCY_WALK_FLAT && !w.stream && FN(rows_by_four)(sh);
+    return w;
 }
 
 /* This thread's share of the normalize, inside a BNCY_TEAM (no barrier after it). k = [hi | a |
@@ -1181,7 +1192,7 @@ static void FN(norm_units)(const bncy_walk *w, const T *x, bncy_strides xs, T *y
         BNCY_TEAM_TAIL_FIRST(w->n_units, {
             const int64_t p0 = u * rows;
             FN(rows_flat_normalize_unit)(x, y, C, w->k0, hi, a, b, kr, kr + C, kr + 2 * C, p0,
-                                         bncy_min64(M, p0 + rows), w->stream);
+                                         bncy_min64(M, p0 + rows), w->stream, w->four);
         });
     } else if (w->mode == BNCY_WALK_ROWS) {
         BNCY_TEAM_TAIL_FIRST(w->n_units, {

@@ -151,6 +151,37 @@ def test_flat_short_planes_match_the_per_plane_walk(dtype, shape, kx, ky):
     assert np.max(np.abs(y.astype(np.float64) - ref) / (1 + np.abs(ref))) <= tol
 
 
+@pytest.mark.parametrize("dtype,channels", [(np.float32, 256), (np.float32, 96),
+                                            (np.float64, 64)])
+def test_rows_walked_one_at_a_time_match_the_walk_by_fours(dtype, channels):
+    """Short flat rows are normalized four at a time while x and y fill at most a quarter of the
+    last-level cache, one at a time beyond it (streamed beyond half of it): the rows of an input
+    past a quarter of the cache are bitwise those of its first rows normalized alone (four at a
+    time), at 1 and 2 threads, at two offsets of the output, and match the float64 oracle."""
+    llc = bn_cy.build_info()["last_level_cache_bytes"] or 32 * 2**20
+    item = np.dtype(dtype).itemsize
+    # x and y together 3/8 of the cache: past the quarter, short of the half (not streamed)
+    rows = max(64, int(llc * 3 / 16) // (channels * item))
+    rng = np.random.default_rng(29)
+    x = (4.0 + rng.standard_normal((rows, channels))).astype(dtype)
+    mean, var = rng.standard_normal(channels), rng.uniform(0.5, 2.0, channels)
+    gamma, beta = rng.uniform(0.5, 2.0, channels), rng.standard_normal(channels)
+    for ky in (0, 3):
+        head = at_offset(np.zeros((64, channels), dtype), ky)
+        bn_cy.batch_norm(x[:64], mean, var, gamma, beta, out=head)
+        for threads in (1, 2):
+            y = at_offset(np.zeros_like(x), ky)
+            bn_cy.batch_norm(x, mean, var, gamma, beta, out=y, n_threads=threads)
+            assert y[:64].tobytes() == head.tobytes(), (ky, threads)
+            if threads == 1:
+                first = y.tobytes()
+            else:
+                assert y.tobytes() == first, ky
+    ref = ref_batch_norm(x.astype(np.float64), mean, var, gamma, beta, axis=-1, eps=1e-3)
+    tol = {np.float32: 2e-6, np.float64: 1e-14}[dtype]
+    assert np.max(np.abs(y - ref) / (1 + np.abs(ref))) <= tol
+
+
 STATS_CASES = [
     ((300, 1100), -1),      # blocks of channels, the last not a whole block
     ((140, 520), -1),       # a block of 256 and a short one
