@@ -260,7 +260,7 @@ typedef struct {
     int mode;   /* BNCY_WALK_* */
     int unit;   /* unit strides along the walked dim */
     int stream; /* streamed (non-temporal) stores */
-    int four;   /* flat rows normalized four at a time (FN(rows_by_four)) */
+    int four;   /* flat rows walked four at a time (FN(norm_setup), FN(dx_setup)) */
     int64_t k0, rows, n_units, nb;
 } bncy_walk;
 

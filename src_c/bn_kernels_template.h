@@ -951,6 +951,14 @@ static void FN(rotate_consts_range)(CT *rot, const CT *arr, int64_t C, int64_t k
     }
 }
 
+/* Whether the n_arrays arrays of an elementwise pass over this shape fill at most a quarter of
+   the last-level cache: there the flat rows passes walk four rows at a time (rows_by_four, and
+   the dx pass), beyond it one at a time. */
+BNCY_INLINE int FN(pass_in_cache)(bncy_shape sh, int n_arrays) {
+    const double elems = (double)sh.outer * (double)sh.inner * (double)sh.chan;
+    return !bncy_fills_llc_quarter((double)n_arrays * elems * sizeof(T));
+}
+
 /* Whether the flat rows normalize takes four rows at a time (loading each constant once for four
    values) rather than one: for short rows, where the loop around a row costs, while the pass's
    arrays (x and y) fill at most a quarter of the last-level cache. A long row is faster alone
@@ -964,8 +972,7 @@ static void FN(rotate_consts_range)(CT *rot, const CT *arr, int64_t C, int64_t k
    1.04 and of 256 - 512 KiB 1.02 - 1.05 (kept by fours). Passes beyond half of the cache
    stream their output one row at a time anyway (FN(streams)). */
 BNCY_INLINE int FN(rows_by_four)(bncy_shape sh) {
-    const double bytes = 2.0 * (double)sh.outer * (double)sh.inner * (double)sh.chan * sizeof(T);
-    return sh.chan * (int64_t)sizeof(T) < BNCY_WIDE_ROW_BYTES && !bncy_fills_llc_quarter(bytes);
+    return sh.chan * (int64_t)sizeof(T) < BNCY_WIDE_ROW_BYTES && FN(pass_in_cache)(sh, 2);
 }
 
 /* Rows [p0, p1) of flat rows arrays (bncy_flat_rows) whose output rows start k0 elements before
@@ -1851,7 +1858,7 @@ BNCY_INLINE void FN(plane_dx_impl)(const T *dp, int64_t sdi, const T *xp, int64_
 BNCY_INLINE void FN(rows_flat_dx_impl)(const T *dy, const T *x, T *dx, int64_t C, int64_t k0,
                                        FN(bncy_grad_consts) k, FN(bncy_grad_consts) kr,
                                        int64_t p0, int64_t p1, const int training,
-                                       const int stream) {
+                                       const int stream, const int four) {
     const T *BNCY_RESTRICT df = dy + p0 * C;
     const T *BNCY_RESTRICT xf = x + p0 * C;
     T *BNCY_RESTRICT of = dx + p0 * C;
@@ -1861,7 +1868,7 @@ BNCY_INLINE void FN(rows_flat_dx_impl)(const T *dy, const T *x, T *dx, int64_t C
         STORE(of + j, FN(dx_value)(LOAD(df + j), training ? LOAD(xf + j) : (CT)0, (CT)1, j, k,
                                    training, 0));
     r = 0;
-    if (!stream) { /* four whole rows at a time: each constant loaded once for four values */
+    if (four) { /* four whole rows at a time: each constant loaded once for four values */
         const CT *BNCY_RESTRICT A = kr.A, *BNCY_RESTRICT B = kr.B, *BNCY_RESTRICT K = kr.K;
         const CT *BNCY_RESTRICT inv = kr.inv, *BNCY_RESTRICT hi = kr.hi;
         for (; r + 4 < rows || (k0 == 0 && r + 4 <= rows); r += 4) {
@@ -1910,11 +1917,12 @@ BNCY_INLINE void FN(rows_flat_dx_impl)(const T *dy, const T *x, T *dx, int64_t C
 static BNCY_NOINLINE void FN(rows_flat_dx_unit)(const T *dy, const T *x, T *dx, int64_t C,
                                                 int64_t k0, const FN(bncy_grad_consts) * k,
                                                 const FN(bncy_grad_consts) * kr, int64_t p0,
-                                                int64_t p1, int training, int stream) {
+                                                int64_t p1, int training, int stream,
+                                                int four) {
     if (training)
-        FN(rows_flat_dx_impl)(dy, x, dx, C, k0, *k, *kr, p0, p1, 1, stream);
+        FN(rows_flat_dx_impl)(dy, x, dx, C, k0, *k, *kr, p0, p1, 1, stream, four);
     else
-        FN(rows_flat_dx_impl)(dy, x, dx, C, k0, *k, *kr, p0, p1, 0, stream);
+        FN(rows_flat_dx_impl)(dy, x, dx, C, k0, *k, *kr, p0, p1, 0, stream, four);
     if (stream) BNCY_STREAM_FENCE();
 }
 
@@ -1990,8 +1998,17 @@ BNCY_INLINE int FN(dx_flat)(bncy_shape sh, bncy_strides dys, bncy_strides xs, bn
 /* The walk of the dx pass; flat: FN(dx_flat) holds and the rotated constants have room. */
 static bncy_walk FN(dx_setup)(const T *dx, bncy_shape sh, bncy_strides dys, bncy_strides xs,
                               bncy_strides dxs, int flat) {
-    return FN(walk_setup)(dx, sh, xs, 2, flat, xs.chan == 1 && dys.chan == 1 && dxs.chan == 1,
-                          xs.inner == 1 && dys.inner == 1 && dxs.inner == 1, 0);
+    bncy_walk w = FN(walk_setup)(dx, sh, xs, 2, flat,
+                                 xs.chan == 1 && dys.chan == 1 && dxs.chan == 1,
+                                 xs.inner == 1 && dys.inner == 1 && dxs.inner == 1, 0);
+    /* four rows at a time, whatever their length, while dy, x and dx fill at most a quarter of
+       the last-level cache; one at a time beyond it. On the 2-core Zen 3 VM (32 MiB L3),
+       benchmarks/ab.py, backward with out=, float32, one row at a time against four, three runs
+       of 30 rounds: (4096, 256) and (5120, 256) (12 and 15 MiB of arrays) 0.84 - 0.90 at one
+       thread and 0.90 - 1.01 at two; (1024, 256) - (2048, 256) 0.95 - 1.03; (256, 1024)
+       1.01 - 1.03 (kept by fours). */
+    w.four = w.mode == BNCY_WALK_FLAT && !w.stream && FN(pass_in_cache)(sh, 3);
+    return w;
 }
 
 /* This thread's share of the dx pass, inside a BNCY_TEAM (no barrier after it). k holds the
@@ -2005,7 +2022,7 @@ static void FN(dx_units)(const bncy_walk * w, const T *dy, bncy_strides dys, con
         BNCY_TEAM_TAIL_FIRST(w->n_units, {
             const int64_t p0 = u * rows;
             FN(rows_flat_dx_unit)(dy, x, dx, C, w->k0, k, kr, p0, bncy_min64(M, p0 + rows),
-                                  training, w->stream);
+                                  training, w->stream, w->four);
         });
     } else if (w->mode == BNCY_WALK_ROWS) {
         BNCY_TEAM_TAIL_FIRST(w->n_units, {

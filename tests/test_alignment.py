@@ -182,6 +182,36 @@ def test_rows_walked_one_at_a_time_match_the_walk_by_fours(dtype, channels):
     assert np.max(np.abs(y - ref) / (1 + np.abs(ref))) <= tol
 
 
+@pytest.mark.parametrize("dtype,channels", [(np.float32, 256), (np.float64, 64)])
+def test_backward_rows_walked_one_at_a_time_match_the_row_walk(dtype, channels):
+    """dx of flat rows is walked four rows at a time while dy, x and dx fill at most a quarter
+    of the last-level cache, one at a time beyond it: past the quarter, dx (training and
+    inference mode) is bitwise that of the walk row by row into an output whose rows are not
+    back to back, at 1 and 2 threads, and matches the float64 oracle."""
+    llc = bn_cy.build_info()["last_level_cache_bytes"] or 32 * 2**20
+    item = np.dtype(dtype).itemsize
+    # dy, x and dx together 3/8 of the cache: past the quarter, short of the half
+    rows = max(64, int(llc / 8) // (channels * item))
+    rng = np.random.default_rng(31)
+    x = (4.0 + rng.standard_normal((rows, channels))).astype(dtype)
+    dy = rng.standard_normal((rows, channels)).astype(dtype)
+    mean, var = x.mean(axis=0), x.var(axis=0)
+    gamma = rng.uniform(0.5, 2.0, channels)
+    for training in (True, False):
+        wide = np.zeros((rows, channels + 16), dtype)
+        by_rows = wide[:, 8:8 + channels]
+        bn_cy.batch_norm_backward(dy, x, mean, var, gamma, training=training, out=by_rows)
+        for threads in (1, 2):
+            dx = np.zeros_like(x)
+            bn_cy.batch_norm_backward(dy, x, mean, var, gamma, training=training, out=dx,
+                                      n_threads=threads)
+            assert dx.tobytes() == np.ascontiguousarray(by_rows).tobytes(), (training, threads)
+        ref = ref_batch_norm_backward(dy, x, mean, var, gamma, axis=-1, eps=1e-3,
+                                      training=training)[0]
+        tol = {np.float32: 1e-5, np.float64: 1e-12}[dtype]
+        assert np.max(np.abs(dx - ref) / (1 + np.abs(ref))) <= tol
+
+
 STATS_CASES = [
     ((300, 1100), -1),      # blocks of channels, the last not a whole block
     ((140, 520), -1),       # a block of 256 and a short one
