@@ -260,7 +260,7 @@ typedef struct {
     int mode;   /* BNCY_WALK_* */
     int unit;   /* unit strides along the walked dim */
     int stream; /* streamed (non-temporal) stores */
-    int four;   /* flat rows walked four at a time (FN(norm_setup), FN(dx_setup)) */
+    int four;   /* flat rows walked four at a time (FN(walk_setup)) */
     int64_t k0, rows, n_units, nb;
 } bncy_walk;
 
@@ -316,15 +316,10 @@ static inline int bncy_stream_pass(double out_bytes, int n_in) {
 }
 
 /* Whether the arrays of an elementwise pass, `bytes` together, fill more than a quarter of the
-   last-level cache (0 where its size is unknown). */
+   last-level cache (0 where its size is unknown; bncy_llc_bytes reads cpuid once). */
 static inline int bncy_fills_llc_quarter(double bytes) {
-    static int ready = 0;
-    static double llc_quarter = 0.0;
-    if (!ready) {
-        llc_quarter = 0.25 * bncy_llc_bytes();
-        ready = 1;
-    }
-    return llc_quarter > 0.0 && bytes > llc_quarter;
+    const double llc = bncy_llc_bytes();
+    return llc > 0.0 && bytes > 0.25 * llc;
 }
 
 /* Elements before p reaches a BNCY_ALIGN boundary (0 when p is not element-aligned), at most n. */

@@ -929,6 +929,14 @@ BNCY_INLINE int FN(streams)(bncy_shape sh, int n_in) {
     return BNCY_T_STREAMS && bncy_stream_pass(out_bytes, n_in);
 }
 
+/* Whether the arrays of that pass (n_in inputs and the output, each of the output's size) fill
+   at most a quarter of the last-level cache: there its flat rows are walked four at a time
+   (FN(walk_setup)), beyond it one at a time. */
+BNCY_INLINE int FN(pass_in_cache)(bncy_shape sh, int n_in) {
+    const double out_bytes = (double)sh.outer * (double)sh.inner * (double)sh.chan * sizeof(T);
+    return !bncy_fills_llc_quarter((double)(n_in + 1) * out_bytes);
+}
+
 /* Whether flat rows of this shape keep one alignment from row to row (chan * sizeof(T) a
    multiple of BNCY_ALIGN), so one peel k0 and one rotation serve every row, and whether the
    array is long enough to be worth it. */
@@ -951,28 +959,19 @@ static void FN(rotate_consts_range)(CT *rot, const CT *arr, int64_t C, int64_t k
     }
 }
 
-/* Whether the n_arrays arrays of an elementwise pass over this shape fill at most a quarter of
-   the last-level cache: there the flat rows passes walk four rows at a time (rows_by_four, and
-   the dx pass), beyond it one at a time. */
-BNCY_INLINE int FN(pass_in_cache)(bncy_shape sh, int n_arrays) {
-    const double elems = (double)sh.outer * (double)sh.inner * (double)sh.chan;
-    return !bncy_fills_llc_quarter((double)n_arrays * elems * sizeof(T));
-}
-
 /* Whether the flat rows normalize takes four rows at a time (loading each constant once for four
-   values) rather than one: for short rows, where the loop around a row costs, while the pass's
-   arrays (x and y) fill at most a quarter of the last-level cache. A long row is faster alone
-   (on the first machine, (256, 1024) float32 normalized in 15.6 us by fours and 14.7 us by
-   ones), and so are the rows of a pass that fills more of the cache, with fewer streams in
-   flight. On the 2-core Zen 3 VM (32 MiB L3), out= calls, one row at a time against four
-   (benchmarks/ab.py, 28 paired runs over 40 minutes, in
-   benchmarks/results/ab-tuning-amd-epyc-zen3-2026-12-07.md), the runs' median B/A: on arrays
-   of 8 MiB, 0.65 - 0.92 at one thread and 0.87 - 0.97 at two, though in the runs where the
-   machine was quiet the inference at two threads took 0.95 - 1.17; on arrays of 4 MiB 1.00 -
-   1.04 and of 256 - 512 KiB 1.02 - 1.05 (kept by fours). Passes beyond half of the cache
-   stream their output one row at a time anyway (FN(streams)). */
-BNCY_INLINE int FN(rows_by_four)(bncy_shape sh) {
-    return sh.chan * (int64_t)sizeof(T) < BNCY_WIDE_ROW_BYTES && FN(pass_in_cache)(sh, 2);
+   values) rather than one, where its pass fits in the cache (FN(walk_setup)): for short rows,
+   where the loop around a row costs. A long row is faster alone (on the first machine,
+   (256, 1024) float32 normalized in 15.6 us by fours and 14.7 us by ones), and so are the rows
+   of a pass that fills more of the cache, with fewer streams in flight. On the 2-core Zen 3 VM
+   (32 MiB L3), out= calls, one row at a time against four (benchmarks/ab.py, 28 paired runs
+   over 40 minutes, in benchmarks/results/ab-tuning-amd-epyc-zen3-2026-12-07.md), the runs'
+   median B/A: on arrays of 8 MiB, 0.65 - 0.92 at one thread and 0.87 - 0.97 at two, though in
+   the runs where the machine was quiet the inference at two threads took 0.95 - 1.17; on arrays
+   of 4 MiB 1.00 - 1.04 and of 256 - 512 KiB 1.02 - 1.05 (kept by fours). Passes beyond half of
+   the cache stream their output one row at a time anyway (FN(streams)). */
+BNCY_INLINE int FN(rows_by_four)(int64_t C) {
+    return C * (int64_t)sizeof(T) < BNCY_WIDE_ROW_BYTES;
 }
 
 /* Rows [p0, p1) of flat rows arrays (bncy_flat_rows) whose output rows start k0 elements before
@@ -1166,6 +1165,7 @@ static bncy_walk FN(walk_setup)(const T *out, bncy_shape sh, bncy_strides xs, in
         w.unit = 1;
         w.k0 = bncy_peel(out, (int64_t)sizeof(T), C);
         w.stream = w.stream && (uintptr_t)(out + w.k0) % BNCY_ALIGN == 0;
+        w.four = !w.stream && FN(pass_in_cache)(sh, n_in);
     } else if (bncy_choose_family(sh, xs) == BNCY_ROWS) {
         w.mode = BNCY_WALK_ROWS;
         w.unit = unit_rows;
@@ -1184,7 +1184,7 @@ static bncy_walk FN(norm_setup)(const T *y, bncy_shape sh, bncy_strides xs, bncy
                                 int flat) {
     bncy_walk w = FN(walk_setup)(y, sh, xs, 1, flat, xs.chan == 1 && ys.chan == 1,
                                  xs.inner == 1 && ys.inner == 1, FN(planes_flat)(sh, xs, ys));
-    w.four = w.mode == BNCY_WALK_FLAT && !w.stream && FN(rows_by_four)(sh);
+    w.four = w.four && FN(rows_by_four)(sh.chan);
     return w;
 }
 
@@ -1998,17 +1998,13 @@ BNCY_INLINE int FN(dx_flat)(bncy_shape sh, bncy_strides dys, bncy_strides xs, bn
 /* The walk of the dx pass; flat: FN(dx_flat) holds and the rotated constants have room. */
 static bncy_walk FN(dx_setup)(const T *dx, bncy_shape sh, bncy_strides dys, bncy_strides xs,
                               bncy_strides dxs, int flat) {
-    bncy_walk w = FN(walk_setup)(dx, sh, xs, 2, flat,
-                                 xs.chan == 1 && dys.chan == 1 && dxs.chan == 1,
-                                 xs.inner == 1 && dys.inner == 1 && dxs.inner == 1, 0);
-    /* four rows at a time, whatever their length, while dy, x and dx fill at most a quarter of
-       the last-level cache; one at a time beyond it. On the 2-core Zen 3 VM (32 MiB L3),
-       benchmarks/ab.py, backward with out=, float32, one row at a time against four, three runs
-       of 30 rounds: (4096, 256) and (5120, 256) (12 and 15 MiB of arrays) 0.84 - 0.90 at one
-       thread and 0.90 - 1.01 at two; (1024, 256) - (2048, 256) 0.95 - 1.03; (256, 1024)
-       1.01 - 1.03 (kept by fours). */
-    w.four = w.mode == BNCY_WALK_FLAT && !w.stream && FN(pass_in_cache)(sh, 3);
-    return w;
+    /* flat rows four at a time, whatever their length, where dy, x and dx fit (walk_setup). On
+       the 2-core Zen 3 VM (32 MiB L3), benchmarks/ab.py, backward with out=, float32, one row
+       at a time against four, three runs of 30 rounds: (4096, 256) and (5120, 256) (12 and
+       15 MiB of arrays) 0.84 - 0.90 at one thread and 0.90 - 1.01 at two; (1024, 256) -
+       (2048, 256) 0.95 - 1.03; (256, 1024) 1.01 - 1.03 (kept by fours). */
+    return FN(walk_setup)(dx, sh, xs, 2, flat, xs.chan == 1 && dys.chan == 1 && dxs.chan == 1,
+                          xs.inner == 1 && dys.inner == 1 && dxs.inner == 1, 0);
 }
 
 /* This thread's share of the dx pass, inside a BNCY_TEAM (no barrier after it). k holds the
