@@ -1978,6 +1978,88 @@ static BNCY_NOINLINE void FN(plane_dx_unit)(const T *dy, bncy_strides dys, const
     if (stream) BNCY_STREAM_FENCE();
 }
 
+/* Planes [q0, q1) of dy, x and dx with planes_flat (no mask), as one flat run whose vector
+   stores all start at aligned addresses, as plane_flat_normalize_unit walks the normalize: the
+   vector that straddles two planes takes each lane's constants from its own plane. Every element
+   gets dx_value's arithmetic with its plane's constants, so the results are plane_dx_unit's.
+   The per-plane walk does not peel planes shorter than BNCY_PEEL_MIN, so from buffers 16 bytes
+   past a line (as numpy often allocates them) its vector stores split across lines: on the
+   2-core Zen 3 VM, backward of (64, 256, 128) axis=1 with out= took 1.38 - 1.45x as long from
+   such buffers as from aligned ones at one thread, and this walk takes 0.83 (one thread) and
+   0.78 (two) of its time (medians of ten paired benchmarks/ab.py runs). */
+BNCY_INLINE void FN(plane_flat_dx_impl)(const T *dy, const T *x, T *dx, bncy_shape sh,
+                                        FN(bncy_grad_consts) k, int64_t u, int64_t nb,
+                                        const int training, int stream) {
+    const int64_t L = sh.inner, C = sh.chan, V = BNCY_VLANES;
+    int64_t q0, q1, i0, len, i, j, q, c, n;
+    const T *BNCY_RESTRICT df;
+    const T *BNCY_RESTRICT xf;
+    T *BNCY_RESTRICT of;
+    FN(plane_range)(u, nb, sh, &q0, &q1, &i0, &len);
+    df = dy + q0 * L;
+    xf = x + q0 * L;
+    of = dx + q0 * L;
+    n = (q1 - q0) * L;
+    i = bncy_peel(of, (int64_t)sizeof(T), n); /* < V <= L: all in the first plane */
+    c = q0 % C;
+    for (j = 0; j < i; j++)
+        STORE(of + j, FN(dx_value)(LOAD(df + j), training ? LOAD(xf + j) : (CT)0, (CT)1, c, k,
+                                   training, 0));
+    stream = stream && (uintptr_t)(of + i) % BNCY_ALIGN == 0; /* then every vector is aligned */
+    for (q = 0; i + V <= n; q++) {
+        const int64_t end = (q + 1) * L; /* the end of plane q of the run */
+        const int64_t vend = i + (end - i) / V * V;
+        const CT A = k.A[c];
+        const CT B = training ? k.B[c] : (CT)0, K = training ? k.K[c] : (CT)0;
+        const CT iv = training ? k.inv[c] : (CT)0, h = training ? k.hi[c] : (CT)0;
+        j = stream ? i + STREAM_DX_PLANE(of + i, df + i, xf + i, A, B, K, iv, h, vend - i,
+                                         training)
+                   : i;
+        if (training) {
+            BNCY_IVDEP for (; j < vend; j++)
+                STORE(of + j, A * LOAD(df + j) - FN(dx_term)(LOAD(xf + j), B, K, iv, h));
+        } else {
+            BNCY_IVDEP for (; j < vend; j++) STORE(of + j, A * LOAD(df + j));
+        }
+        i = vend;
+        c = c + 1 == C ? 0 : c + 1; /* the channel of plane q + 1 */
+        if (i < end) { /* a vector over the last r elements of plane q and the next plane's */
+            const int64_t r = end - i;
+            const CT A1 = k.A[c];
+            const CT B1 = training ? k.B[c] : (CT)0, K1 = training ? k.K[c] : (CT)0;
+            const CT iv1 = training ? k.inv[c] : (CT)0, h1 = training ? k.hi[c] : (CT)0;
+            int64_t l;
+            if (i + V > n) break; /* no next plane: the last elements, below */
+            BNCY_LANE_LOOP for (l = 0; l < V; l++) {
+                const int first = l < r;
+                const CT g = LOAD(df + i + l), al = first ? A : A1;
+                if (training)
+                    STORE(of + i + l,
+                          al * g - FN(dx_term)(LOAD(xf + i + l), first ? B : B1, first ? K : K1,
+                                               first ? iv : iv1, first ? h : h1));
+                else
+                    STORE(of + i + l, al * g);
+            }
+            i += V;
+        }
+    }
+    for (; i < n; i++) { /* fewer than V elements at the end of the run */
+        c = (q0 + i / L) % C;
+        STORE(of + i, FN(dx_value)(LOAD(df + i), training ? LOAD(xf + i) : (CT)0, (CT)1, c, k,
+                                   training, 0));
+    }
+}
+
+static BNCY_NOINLINE void FN(plane_flat_dx_unit)(const T *dy, const T *x, T *dx, bncy_shape sh,
+                                                 const FN(bncy_grad_consts) * k, int64_t u,
+                                                 int64_t nb, int training, int stream) {
+    if (training)
+        FN(plane_flat_dx_impl)(dy, x, dx, sh, *k, u, nb, 1, stream);
+    else
+        FN(plane_flat_dx_impl)(dy, x, dx, sh, *k, u, nb, 0, stream);
+    if (stream) BNCY_STREAM_FENCE();
+}
+
 BNCY_INLINE FN(bncy_grad_consts) FN(grad_consts_view)(const CT *arr, int64_t C) {
     FN(bncy_grad_consts) k;
     k.A = arr;
@@ -1995,16 +2077,19 @@ BNCY_INLINE int FN(dx_flat)(bncy_shape sh, bncy_strides dys, bncy_strides xs, bn
            bncy_flat_rows(sh, dxs) && FN(rows_alignable)(sh);
 }
 
-/* The walk of the dx pass; flat: FN(dx_flat) holds and the rotated constants have room. */
+/* The walk of the dx pass; flat: FN(dx_flat) holds and the rotated constants have room. Runs of
+   short planes without a mask go flat (plane_flat_dx_unit) where dy, x and dx have
+   planes_flat. */
 static bncy_walk FN(dx_setup)(const T *dx, bncy_shape sh, bncy_strides dys, bncy_strides xs,
-                              bncy_strides dxs, int flat) {
+                              bncy_strides dxs, const CT *mask, int flat) {
     /* flat rows four at a time, whatever their length, where dy, x and dx fit (walk_setup). On
        the 2-core Zen 3 VM (32 MiB L3), benchmarks/ab.py, backward with out=, float32, one row
        at a time against four, three runs of 30 rounds: (4096, 256) and (5120, 256) (12 and
        15 MiB of arrays) 0.84 - 0.90 at one thread and 0.90 - 1.01 at two; (1024, 256) -
        (2048, 256) 0.95 - 1.03; (256, 1024) 1.01 - 1.03 (kept by fours). */
     return FN(walk_setup)(dx, sh, xs, 2, flat, xs.chan == 1 && dys.chan == 1 && dxs.chan == 1,
-                          xs.inner == 1 && dys.inner == 1 && dxs.inner == 1, 0);
+                          xs.inner == 1 && dys.inner == 1 && dxs.inner == 1,
+                          !mask && FN(planes_flat)(sh, xs, dxs) && FN(planes_flat)(sh, dys, dxs));
 }
 
 /* This thread's share of the dx pass, inside a BNCY_TEAM (no barrier after it). k holds the
@@ -2025,6 +2110,11 @@ static void FN(dx_units)(const bncy_walk * w, const T *dy, bncy_strides dys, con
             const int64_t p0 = u * rows;
             FN(rows_dx_unit)(dy, dys, x, xs, dx, dxs, sh, mask, k, p0, bncy_min64(M, p0 + rows),
                              training, w->unit);
+        });
+    } else if (w->mode == BNCY_WALK_PLANES_FLAT) { /* runs of short planes, no mask */
+        int64_t u;
+        BNCY_TEAM_FOR(u, w->n_units, {
+            FN(plane_flat_dx_unit)(dy, x, dx, sh, k, u, w->nb, training, w->stream);
         });
     } else {
         int64_t u;
@@ -2048,7 +2138,7 @@ static void FN(dx_pass)(const T *dy, bncy_strides dys, const T *x, bncy_strides 
                     ? malloc((size_t)(5 * C) * sizeof(CT) + BNCY_ALIGN)
                     : NULL;
     CT *rot = raw ? (CT *)bncy_align_up(raw) : NULL;
-    const bncy_walk w = FN(dx_setup)(dx, sh, dys, xs, dxs, rot != NULL);
+    const bncy_walk w = FN(dx_setup)(dx, sh, dys, xs, dxs, mask, rot != NULL);
     FN(bncy_grad_consts) kr = k;
     if (rot) {
         FN(rotate_consts_range)(rot, arr, C, w.k0, 0, C, 5);
@@ -2232,7 +2322,7 @@ static int FN(backward_team)(const T *dy, bncy_strides dys, const T *x, bncy_str
     sd = sdyx + C;
     arr = (CT *)bncy_align_up(sd + C);
     rot = flat ? (CT *)bncy_align_up(arr + 5 * C) : NULL;
-    w = FN(dx_setup)(dx, sh, dys, xs, dxs, flat);
+    w = FN(dx_setup)(dx, sh, dys, xs, dxs, mask, flat);
     k = FN(grad_consts_view)(arr, C);
     kr = flat ? FN(grad_consts_view)(rot, C) : k;
     BNCY_TEAM(nt, {

@@ -151,6 +151,38 @@ def test_flat_short_planes_match_the_per_plane_walk(dtype, shape, kx, ky):
     assert np.max(np.abs(y.astype(np.float64) - ref) / (1 + np.abs(ref))) <= tol
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("shape", [(5, 7, 48), (3, 6, 37), (1, 4, 16), (2, 300, 20), (6, 2, 9),
+                                   (16, 64, 48), (12, 96, 37)])
+@pytest.mark.parametrize("kx,ky", [(0, 0), (0, 5), (3, 1), (1, 7)])
+def test_flat_short_planes_dx_match_the_per_plane_walk(dtype, shape, kx, ky):
+    """dx of short planes back to back (no mask) is written as one flat run, whose vectors may
+    straddle two planes; an output whose planes do not follow each other takes the per-plane
+    walk: same bytes, in training and inference mode, at 1 and 2 threads (the last two shapes
+    are large enough for two), and the oracle's values."""
+    rng = np.random.default_rng(7)
+    x = at_offset((3.0 + rng.standard_normal(shape)).astype(dtype), kx)
+    dy = at_offset(rng.standard_normal(shape).astype(dtype), kx)
+    c = shape[1]
+    gamma = rng.uniform(0.5, 2.0, c)
+    mean = x.astype(np.float64).mean(axis=(0, 2))
+    var = x.astype(np.float64).var(axis=(0, 2))
+    tol = {np.float16: 5e-3, np.float32: 1e-5, np.float64: 1e-12}[dtype]
+    for training in (True, False):
+        wide = np.zeros(shape[:2] + (shape[2] + 3,), dtype)
+        dx_planes = wide[:, :, 1 : 1 + shape[2]]
+        bn_cy.batch_norm_backward(dy, x, mean, var, gamma, axis=1, training=training,
+                                  out=dx_planes)
+        for threads in (1, 2):
+            dx = at_offset(np.zeros(shape, dtype), ky)
+            bn_cy.batch_norm_backward(dy, x, mean, var, gamma, axis=1, training=training,
+                                      out=dx, n_threads=threads)
+            assert dx.tobytes() == np.ascontiguousarray(dx_planes).tobytes(), (training, threads)
+        ref = ref_batch_norm_backward(dy.astype(np.float64), x.astype(np.float64), mean, var,
+                                      gamma, axis=1, eps=1e-3, training=training)[0]
+        assert np.max(np.abs(dx.astype(np.float64) - ref) / (1 + np.abs(ref))) <= tol
+
+
 @pytest.mark.parametrize("dtype,channels", [(np.float32, 256), (np.float32, 96),
                                             (np.float64, 64)])
 def test_rows_walked_one_at_a_time_match_the_walk_by_fours(dtype, channels):
